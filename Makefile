@@ -1,0 +1,33 @@
+# Two commands on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: setup demo test test-e2e lab bench corpus clean
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -e ".[dev]"
+	@touch $(STAMP)
+
+setup: $(STAMP)  ## create .venv and install the package with its dev extras
+
+demo: setup  ## generate the embedded corpus and run the full pipeline into outputs/demo/
+	$(PY) -m xai_lib.pipeline --demo
+
+test: setup  ## unit, integration and smoke tests (no browser)
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+
+corpus: setup  ## only (re)generate the demo corpus
+	$(PY) -m xai_lib.data.synthetic --out outputs/data/demo_corpus --size demo --seed 0
+
+lab: setup  ## open JupyterLab on the notebooks (the viewer lives in notebook 03)
+	$(VENV)/bin/jupyter lab notebooks/
+
+bench: setup  ## explanation cost/quality and throughput benchmarks -> outputs/bench/
+	$(PY) -m xai_lib.bench
+
+clean:
+	rm -rf $(VENV) .pytest_cache

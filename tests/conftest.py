@@ -1,0 +1,53 @@
+"""Shared test fixtures: a tiny seeded synthetic corpus and tiny model configs."""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(scope="session")
+def tiny_corpus(tmp_path_factory) -> Path:
+    """A tiny synthetic corpus in the ASVspoof 2019 LA layout (generated once per session)."""
+    from xai_lib.data.synthetic import generate_corpus
+
+    out = tmp_path_factory.mktemp("tiny_corpus")
+    generate_corpus(out, seed=0, size="tiny")
+    return out
+
+
+def tiny_model_dict() -> dict:
+    """Architecture of a tiny detector (a few ms per forward pass on CPU)."""
+    return {
+        "ssl": {
+            "hidden_size": 32,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "intermediate_size": 64,
+            "conv_dim": [16] * 7,
+            "conv_kernel": [10, 3, 3, 3, 3, 2, 2],
+            "conv_stride": [5, 2, 2, 2, 2, 2, 2],
+            "num_conv_pos_embeddings": 16,
+            "num_conv_pos_embedding_groups": 2,
+        },
+        "emb_size": 16,
+        "num_encoders": 2,
+        "heads": 2,
+        "kernel_size": 7,
+    }
+
+
+@pytest.fixture
+def tiny_model_config():
+    from xai_lib.config import ModelConfig, config_from_dict
+
+    return config_from_dict(tiny_model_dict(), ModelConfig)

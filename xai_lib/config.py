@@ -1,0 +1,456 @@
+"""Run configuration: YAML files in ``configs/`` loaded into typed dataclasses.
+
+Every YAML file maps onto one of the top-level dataclasses below
+(:class:`Stage1Config` for the detector, :class:`Stage2Config` for the XAI module).
+Unknown keys, wrong types and out-of-range values raise :class:`ConfigError`
+naming the key and the file, before any work starts.
+
+Example::
+
+    cfg = load_config("configs/demo.yaml", Stage1Config, overrides=["training.batch_size=16"])
+    save_config(cfg, run_dir / "config_stage1.yaml")
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping, TypeVar, Union
+
+import yaml
+
+__all__ = [
+    "ConfigError",
+    "SSLConfig",
+    "ModelConfig",
+    "DataConfig",
+    "Stage1TrainingConfig",
+    "Stage1Config",
+    "XAIConfig",
+    "DetectorSourceConfig",
+    "Stage2TrainingConfig",
+    "Stage2Config",
+    "load_config",
+    "save_config",
+    "config_to_dict",
+    "config_from_dict",
+    "apply_overrides",
+]
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A configuration file or override is invalid (unknown key, wrong type, bad value)."""
+
+
+# ----------------------------------------------------------------------------- schema
+
+
+@dataclass
+class SSLConfig:
+    """The wav2vec 2.0 / XLS-R front end.
+
+    ``pretrained_path`` points at a *local* directory holding a transformers
+    ``Wav2Vec2Model`` (``config.json`` + weights), e.g. a downloaded
+    ``facebook/wav2vec2-xls-r-300m``. When it is ``None`` the front end is built from the
+    architecture fields below with random weights (the embedded demo uses a tiny one).
+    """
+
+    pretrained_path: str | None = None  # local directory; never fetched from a hub
+    hidden_size: int = 1024
+    num_hidden_layers: int = 24
+    num_attention_heads: int = 16
+    intermediate_size: int = 4096
+    conv_dim: list[int] = field(default_factory=lambda: [512] * 7)
+    conv_kernel: list[int] = field(default_factory=lambda: [10, 3, 3, 3, 3, 2, 2])
+    conv_stride: list[int] = field(default_factory=lambda: [5, 2, 2, 2, 2, 2, 2])
+    conv_bias: bool = True
+    feat_extract_norm: str = "layer"  # "layer" (XLS-R) keeps padded batches exact
+    do_stable_layer_norm: bool = True  # pre-LN transformer as in XLS-R
+    num_conv_pos_embeddings: int = 128
+    num_conv_pos_embedding_groups: int = 16
+    dropout: float = 0.0  # hidden/attention/activation dropout inside the SSL model
+    freeze: bool = False  # True: keep the SSL weights fixed in Stage 1 (only the back end trains)
+    gradient_checkpointing: bool = False
+
+    def __post_init__(self) -> None:
+        if not (len(self.conv_dim) == len(self.conv_kernel) == len(self.conv_stride)):
+            raise ConfigError(
+                "model.ssl.conv_dim, conv_kernel and conv_stride must have the same length "
+                f"(got {len(self.conv_dim)}, {len(self.conv_kernel)}, {len(self.conv_stride)})"
+            )
+        if self.hidden_size % self.num_attention_heads:
+            raise ConfigError("model.ssl.hidden_size must be divisible by model.ssl.num_attention_heads")
+        if self.feat_extract_norm not in ("layer", "group"):
+            raise ConfigError("model.ssl.feat_extract_norm must be 'layer' or 'group'")
+        _check_range("model.ssl.dropout", self.dropout, 0.0, 1.0, hi_open=True)
+
+
+@dataclass
+class ModelConfig:
+    """SSL front end + neck + Conformer-TCM back end (DESIGN §3)."""
+
+    ssl: SSLConfig = field(default_factory=SSLConfig)
+    emb_size: int = 144
+    num_encoders: int = 4
+    heads: int = 4
+    kernel_size: int = 31
+    ff_mult: int = 4
+    dropout: float = 0.0  # dropout inside the Conformer blocks (the reference uses none at inference)
+    max_positions: int = 10000
+
+    def __post_init__(self) -> None:
+        if self.emb_size <= 0 or self.heads <= 0 or self.emb_size % self.heads:
+            raise ConfigError(f"model.emb_size ({self.emb_size}) must be a positive multiple of model.heads ({self.heads})")
+        if self.num_encoders < 1:
+            raise ConfigError("model.num_encoders must be >= 1")
+        if self.kernel_size < 1:
+            raise ConfigError("model.kernel_size must be >= 1")
+        _check_range("model.dropout", self.dropout, 0.0, 1.0, hi_open=True)
+
+
+@dataclass
+class DataConfig:
+    """Where the data is and how utterances become tensors (DESIGN §2).
+
+    Protocol paths are relative to ``root`` unless absolute. ``format`` is one of
+    ``auto``, ``asvspoof2019`` (5 columns), ``3col`` (the original project's),
+    ``asvspoof2021`` (trial list + keys), ``in_the_wild`` (``meta.csv``), ``partialspoof``.
+    """
+
+    root: str = "outputs/data/demo_corpus"
+    format: str = "auto"
+    train_protocol: str | None = "ASVspoof2019_LA_cm_protocols/ASVspoof2019.LA.cm.train.trn.txt"
+    dev_protocol: str | None = "ASVspoof2019_LA_cm_protocols/ASVspoof2019.LA.cm.dev.trl.txt"
+    eval_protocol: str | None = "ASVspoof2019_LA_cm_protocols/ASVspoof2019.LA.cm.eval.trl.txt"
+    # partially spoofed subsets (PartialSpoof-style protocol + 20 ms segment labels)
+    partial_dev_protocol: str | None = "partial_spoof/protocols/PartialSpoof.LA.cm.dev.trl.txt"
+    partial_eval_protocol: str | None = "partial_spoof/protocols/PartialSpoof.LA.cm.eval.trl.txt"
+    partial_dev_segment_labels: str | None = "partial_spoof/segment_labels/dev_seglab_0.02.npy"
+    partial_eval_segment_labels: str | None = "partial_spoof/segment_labels/eval_seglab_0.02.npy"
+    sample_rate: int = 16000
+    crop_samples: int = 66800  # training crop (repeat-padded when shorter)
+    eval_crop_samples: int | None = None  # None: score full length
+    max_eval_seconds: float = 60.0  # longer files are scored in chunks of this size
+    rawboost_algo: int = 5  # 0 = off; 1..8 as in the reference recipe
+    on_bad_audio: str = "error"  # "error" | "skip"
+    num_workers: int = 0
+    max_train_utts: int | None = None  # subsample (smoke runs)
+    max_eval_utts: int | None = None
+
+    def __post_init__(self) -> None:
+        allowed = ("auto", "asvspoof2019", "3col", "asvspoof2021", "in_the_wild", "partialspoof")
+        if self.format not in allowed:
+            raise ConfigError(f"data.format must be one of {allowed}, got {self.format!r}")
+        if self.sample_rate <= 0:
+            raise ConfigError("data.sample_rate must be positive")
+        if self.crop_samples < 400:
+            raise ConfigError("data.crop_samples must be >= 400 (one SSL frame)")
+        if not 0 <= self.rawboost_algo <= 8:
+            raise ConfigError(f"data.rawboost_algo must be 0 (off) or 1..8, got {self.rawboost_algo}")
+        if self.on_bad_audio not in ("error", "skip"):
+            raise ConfigError(f"data.on_bad_audio must be 'error' or 'skip', got {self.on_bad_audio!r}")
+        if self.max_eval_seconds <= 0:
+            raise ConfigError("data.max_eval_seconds must be positive")
+
+
+@dataclass
+class Stage1TrainingConfig:
+    """Stage-1 optimisation (the reference recipe: Adam lr 1e-6, wd 1e-4, weighted CE)."""
+
+    batch_size: int = 32
+    eval_batch_size: int = 16
+    num_epochs: int = 30
+    optimizer: str = "adam"  # "adam" | "adamw"
+    lr: float = 1e-6
+    weight_decay: float = 1e-4
+    class_weights: list[float] = field(default_factory=lambda: [0.1, 0.9])  # [spoof, bona fide]
+    patience: int = 7  # early stopping on dev loss
+    keep_best: int = 5  # N best checkpoints averaged into the final model
+    grad_clip: float | None = None
+    max_steps_per_epoch: int | None = None
+    seed: int = 1234
+    device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N"
+    bf16: bool = False  # autocast to bfloat16 on CUDA
+    num_threads: int | None = None  # torch CPU threads (None: torch default)
+
+    def __post_init__(self) -> None:
+        _check_positive("training.batch_size", self.batch_size)
+        _check_positive("training.eval_batch_size", self.eval_batch_size)
+        _check_positive("training.num_epochs", self.num_epochs)
+        _check_positive("training.lr", self.lr)
+        if self.weight_decay < 0:
+            raise ConfigError("training.weight_decay must be >= 0")
+        if self.optimizer not in ("adam", "adamw"):
+            raise ConfigError(f"training.optimizer must be 'adam' or 'adamw', got {self.optimizer!r}")
+        if len(self.class_weights) != 2 or any(w <= 0 for w in self.class_weights):
+            raise ConfigError("training.class_weights must be two positive numbers [spoof, bona fide]")
+        _check_positive("training.patience", self.patience)
+        _check_positive("training.keep_best", self.keep_best)
+
+
+@dataclass
+class Stage1Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    training: Stage1TrainingConfig = field(default_factory=Stage1TrainingConfig)
+
+
+@dataclass
+class XAIConfig:
+    """The Stage-2 XAI module (DESIGN §4). Defaults are the seed configuration."""
+
+    representation: str = "ssl"  # "ssl" (SSL output, the original) | "backend" (Conformer frame tokens)
+    prototype_mode: str = "ema"  # "ema" | "fixed" | "learnable"
+    ema_momentum: float = 0.99
+    importance_arch: str = "mlp"  # "mlp" (per frame) | "conv" (temporal 1-D conv variant)
+    importance_hidden_dim: int = 256
+    dropout: float = 0.1
+    temperature: float = 0.07
+    lambda_bonafide_reg: float = 0.1
+    lambda_temporal_smooth: float = 0.1
+    lambda_sparsity: float = 0.01
+    lambda_fidelity: float = 1.0  # 0 reproduces the seed objective
+    target_sparsity: float = 0.3  # fraction of frames a spoof explanation may mark
+
+    def __post_init__(self) -> None:
+        if self.representation not in ("ssl", "backend"):
+            raise ConfigError(f"xai.representation must be 'ssl' or 'backend', got {self.representation!r}")
+        if self.prototype_mode not in ("ema", "fixed", "learnable"):
+            raise ConfigError(
+                f"xai.prototype_mode must be one of 'ema', 'fixed', 'learnable', got {self.prototype_mode!r}"
+            )
+        if self.importance_arch not in ("mlp", "conv"):
+            raise ConfigError(f"xai.importance_arch must be 'mlp' or 'conv', got {self.importance_arch!r}")
+        _check_range("xai.ema_momentum", self.ema_momentum, 0.0, 1.0, hi_open=True)
+        _check_positive("xai.importance_hidden_dim", self.importance_hidden_dim)
+        _check_range("xai.dropout", self.dropout, 0.0, 1.0, hi_open=True)
+        _check_positive("xai.temperature", self.temperature)
+        for name in ("lambda_bonafide_reg", "lambda_temporal_smooth", "lambda_sparsity", "lambda_fidelity"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"xai.{name} must be >= 0, got {getattr(self, name)}")
+        _check_range("xai.target_sparsity", self.target_sparsity, 0.0, 1.0)
+
+
+@dataclass
+class DetectorSourceConfig:
+    """Where Stage 2 finds the frozen Stage-1 detector (DESIGN §7)."""
+
+    path: str | None = None  # explicit checkpoint; else run_dir/stage1_detector.pth; else fallback
+    fallback: str = "avg_5_best.pth"  # published TCM checkpoint (relative to the working directory)
+    config: str | None = None  # architecture YAML for a published state dict (schema of conformertcm_baseline.yaml)
+
+
+@dataclass
+class Stage2TrainingConfig:
+    batch_size: int = 24
+    eval_batch_size: int = 24
+    num_epochs: int = 50
+    lr: float = 1e-4
+    weight_decay: float = 1e-4
+    patience: int = 10
+    max_steps_per_epoch: int | None = None
+    seed: int = 1234
+    device: str = "auto"
+    num_threads: int | None = None
+
+    def __post_init__(self) -> None:
+        _check_positive("training.batch_size", self.batch_size)
+        _check_positive("training.eval_batch_size", self.eval_batch_size)
+        _check_positive("training.num_epochs", self.num_epochs)
+        _check_positive("training.lr", self.lr)
+        if self.weight_decay < 0:
+            raise ConfigError("training.weight_decay must be >= 0")
+        _check_positive("training.patience", self.patience)
+
+
+@dataclass
+class Stage2Config:
+    xai: XAIConfig = field(default_factory=XAIConfig)
+    detector: DetectorSourceConfig = field(default_factory=DetectorSourceConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    training: Stage2TrainingConfig = field(default_factory=Stage2TrainingConfig)
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+def _check_positive(name: str, value: float) -> None:
+    if value is None or not value > 0 or (isinstance(value, float) and math.isnan(value)):
+        raise ConfigError(f"{name} must be positive, got {value!r}")
+
+
+def _check_range(name: str, value: float, lo: float, hi: float, hi_open: bool = False) -> None:
+    ok = lo <= value < hi if hi_open else lo <= value <= hi
+    if not ok:
+        bracket = ")" if hi_open else "]"
+        raise ConfigError(f"{name} must be in [{lo}, {hi}{bracket}, got {value!r}")
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check ``value`` against the annotation ``tp`` (recursing into dataclasses/lists)."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError as exc:  # try the next alternative
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if errors else f"{where}: invalid value {value!r}")
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{where}: expected a mapping of {tp.__name__} fields, got {type(value).__name__}")
+        return _build(tp, value, where)
+    if origin in (list, tuple):
+        (item_tp, *_) = typing.get_args(tp) or (Any,)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    return value
+
+
+def _build(cls: type[T], data: Mapping[str, Any], where: str) -> T:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = [k for k in data if k not in names]
+    if unknown:
+        prefix = f"{where}." if where and not where.endswith(":") else where
+        raise ConfigError(
+            f"unknown config key {prefix}{unknown[0]!s}"
+            + (f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else "")
+            + f"; valid keys here: {', '.join(sorted(names))}"
+        )
+    kwargs = {}
+    for key, value in data.items():
+        kwargs[key] = _coerce(value, hints[key], f"{where}.{key}" if where else key)
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except TypeError as exc:  # pragma: no cover - defensive
+        raise ConfigError(f"{where or cls.__name__}: {exc}") from exc
+
+
+def config_from_dict(data: Mapping[str, Any], schema: type[T], source: str = "<dict>") -> T:
+    """Build ``schema`` from a nested mapping; errors name the key and ``source``."""
+    try:
+        return _build(schema, data or {}, "")
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    """The config as plain nested dicts/lists (YAML/JSON serialisable)."""
+    return dataclasses.asdict(cfg)
+
+
+def _parse_override_value(text: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(data: dict[str, Any], overrides: Iterable[str] | Mapping[str, Any] | None) -> dict[str, Any]:
+    """Apply dotted overrides (``"training.batch_size=16"`` or ``{"training.batch_size": 16}``)."""
+    if not overrides:
+        return data
+    items = overrides.items() if isinstance(overrides, Mapping) else None
+    if items is None:
+        parsed = []
+        for ov in overrides:
+            if "=" not in ov:
+                raise ConfigError(f"override {ov!r} must look like section.key=value (e.g. training.batch_size=16)")
+            key, raw = ov.split("=", 1)
+            parsed.append((key.strip(), _parse_override_value(raw.strip())))
+        items = parsed
+    for key, value in items:
+        node = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            nxt = node.get(part)
+            if nxt is None:
+                nxt = node[part] = {}
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"override {key!r}: {part!r} is not a section")
+            node = nxt
+        node[parts[-1]] = value
+    return data
+
+
+def load_config(
+    source: str | Path | Mapping[str, Any] | T | None,
+    schema: type[T],
+    overrides: Iterable[str] | Mapping[str, Any] | None = None,
+) -> T:
+    """Load a YAML file (or a dict, or an existing config) into ``schema`` with overrides.
+
+    Raises:
+        ConfigError: a missing file, YAML syntax error, unknown key, wrong type or bad value;
+            the message names the key and the file.
+    """
+    if isinstance(source, schema):
+        data, name = config_to_dict(source), f"<{schema.__name__}>"
+    elif source is None:
+        data, name = {}, "<defaults>"
+    elif isinstance(source, Mapping):
+        data, name = _deep_copy(source), "<dict>"
+    else:
+        path = Path(source)
+        name = str(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path} (pass a YAML file, e.g. configs/demo.yaml)")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping at the top level")
+    try:
+        data = apply_overrides(data, overrides)
+    except ConfigError as exc:
+        raise ConfigError(f"{name}: {exc}") from None
+    return config_from_dict(data, schema, name)
+
+
+def _deep_copy(data: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: _deep_copy(v) if isinstance(v, Mapping) else (list(v) if isinstance(v, list) else v) for k, v in data.items()}
+
+
+def save_config(cfg: Any, path: str | Path) -> Path:
+    """Write the resolved config as YAML (used for every run directory)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    return path
