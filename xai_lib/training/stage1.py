@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
+from torch.utils.data import DataLoader, DistributedSampler
 from tqdm.auto import tqdm
 
 from ..config import Stage1Config, save_config
@@ -55,6 +55,21 @@ class Stage1Result:
     epochs_completed: int = 0
     stopped_early: bool = False
     train_seconds: float = 0.0
+
+
+def _weighted_ce(logits: torch.Tensor, y: torch.Tensor, weights: torch.Tensor, ctx: DistContext) -> torch.Tensor:
+    """Class-weighted cross-entropy normalised by the GLOBAL batch weight.
+
+    ``F.cross_entropy(weight=...)`` divides by the weight sum of the local batch; under DDP
+    (which averages gradients over ranks) that would differ from one process seeing the
+    whole batch. Dividing by the all-reduced weight sum (times the world size, undone by
+    DDP's averaging) makes N ranks compute exactly the single-process gradient.
+    """
+    per_utt = F.cross_entropy(logits, y, weight=weights, reduction="none")  # (B,) = w_y * nll
+    wsum = weights[y].sum().detach()
+    if ctx.distributed:
+        wsum = ctx.all_reduce_sum(wsum.clone()) / ctx.world_size
+    return per_utt.sum() / wsum
 
 
 def _autocast(device: torch.device, bf16: bool):
@@ -179,10 +194,11 @@ def train_stage1(
         on_bad_audio=cfg.data.on_bad_audio,
     )
     per_rank_batch = max(1, tc.batch_size // ctx.world_size)
-    if ctx.distributed:
-        sampler = DistributedSampler(train_ds, shuffle=True, seed=tc.seed, drop_last=False)
-    else:
-        sampler = RandomSampler(train_ds, generator=torch.Generator().manual_seed(tc.seed))
+    # One sampler for both cases: single-process is the 1-replica case, so that a run on N
+    # ranks sees, step by step, the same utterances as one process with the same global batch.
+    sampler = DistributedSampler(
+        train_ds, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=tc.seed, drop_last=False
+    )
     train_loader = DataLoader(
         train_ds,
         batch_size=per_rank_batch,
@@ -217,7 +233,11 @@ def train_stage1(
         torch.set_rng_state(state["rng"])
         log.info("resumed Stage 1 from %s after %d completed epochs", state_path, start_epoch)
 
-    train_model: torch.nn.Module = DDP(model, find_unused_parameters=False) if ctx.distributed else model
+    train_model: torch.nn.Module = model
+    if ctx.distributed:
+        if device.type == "cuda":  # batch statistics over the global batch (SyncBatchNorm needs CUDA)
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        train_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
     writer = summary_writer(run_dir / "logs" / "stage1_detector", enabled=ctx.is_main)
     stopped_early = state is not None and bool(state.get("stopped", False))
     epoch = start_epoch
@@ -239,7 +259,7 @@ def train_stage1(
                 y = batch["labels"].to(device)
                 with _autocast(device, tc.bf16):
                     out = train_model(wave)
-                loss = F.cross_entropy(out.logits.float(), y, weight=class_weights)
+                loss = _weighted_ce(out.logits.float(), y, class_weights, ctx)
                 check_finite(loss, global_step, "Stage 1")
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()

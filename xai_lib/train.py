@@ -1,0 +1,106 @@
+"""Training and scoring entry points that run single-process or under torchrun (DESIGN §8).
+
+Examples::
+
+    python -m xai_lib.train stage1 --config configs/demo.yaml --run-dir outputs/r1
+    torchrun --standalone --nproc_per_node 2 -m xai_lib.train stage1 --config configs/demo.yaml --run-dir outputs/r1
+    python -m xai_lib.train stage2 --config configs/xai_stage2.yaml --run-dir outputs/r1
+    torchrun --standalone --nproc_per_node 2 -m xai_lib.train score --checkpoint outputs/r1/stage1_detector.pth \\
+        --config configs/demo.yaml --split eval --out outputs/r1/scores/eval_scores.txt
+
+The same code path serves both: under torchrun each rank joins the process group
+(NCCL on GPUs, gloo on CPU), reads its shard through a ``DistributedSampler``, and only
+rank 0 writes logs and checkpoints. ``training.batch_size`` is the GLOBAL batch: each of
+N ranks takes ``batch_size // N`` utterances per step.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+__all__ = ["main"]
+
+log = logging.getLogger("xai_lib.train")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m xai_lib.train", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    for name, default_cfg in (("stage1", "configs/demo.yaml"), ("stage2", "configs/xai_stage2.yaml")):
+        s = sub.add_parser(name, help=f"train {name}")
+        s.add_argument("--config", default=default_cfg, help="YAML config")
+        s.add_argument("--run-dir", required=True, help="run directory")
+        s.add_argument("--override", "-o", action="append", default=[], help="dotted override key=value (repeatable)")
+        s.add_argument("--no-resume", action="store_true", help="start from scratch even if a resumable state exists")
+        if name == "stage2":
+            s.add_argument("--detector", default=None, help="Stage-1 checkpoint (default: resolution order of DESIGN §7)")
+    sc = sub.add_parser("score", help="score a protocol split into an ASVspoof score file (sharded under torchrun)")
+    sc.add_argument("--checkpoint", required=True)
+    sc.add_argument("--config", default="configs/demo.yaml", help="Stage-1 YAML giving the data section")
+    sc.add_argument("--split", default="eval", choices=["train", "dev", "eval"])
+    sc.add_argument("--out", required=True, help="score file to write (rank 0)")
+    sc.add_argument("--override", "-o", action="append", default=[])
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from .config import Stage1Config, Stage2Config, load_config
+    from .paths import resolve_path
+    from .training.common import init_distributed
+
+    ctx = init_distributed("auto")
+    try:
+        if args.command == "stage1":
+            from .training.stage1 import train_stage1
+
+            cfg = load_config(resolve_path(args.config), Stage1Config, args.override)
+            cfg.data.root = str(resolve_path(cfg.data.root))
+            res = train_stage1(cfg, resolve_path(args.run_dir), resume=not args.no_resume)
+            if ctx.is_main:
+                log.info("Stage 1 done: %s (%d epochs)", res.checkpoint, res.epochs_completed)
+        elif args.command == "stage2":
+            from .training.stage2 import train_stage2
+
+            cfg = load_config(resolve_path(args.config), Stage2Config, args.override)
+            cfg.data.root = str(resolve_path(cfg.data.root))
+            res = train_stage2(cfg, resolve_path(args.run_dir), detector_path=args.detector, resume=not args.no_resume)
+            if ctx.is_main:
+                log.info("Stage 2 done: %s", res.checkpoint)
+        else:
+            from .data.datasets import build_split
+            from .metrics import write_score_file
+            from .models.checkpoint import load_detector
+            from .training.stage1 import score_utterances
+
+            cfg = load_config(resolve_path(args.config), Stage1Config, args.override)
+            cfg.data.root = str(resolve_path(cfg.data.root))
+            model = load_detector(resolve_path(args.checkpoint)).to(ctx.device)
+            utts = build_split(cfg.data, args.split)
+            scores = score_utterances(model, utts, cfg, ctx)
+            if ctx.is_main:
+                order = [u.utt_id for u in utts if u.utt_id in scores]
+                write_score_file(resolve_path(args.out), order, [scores[u] for u in order])
+                log.info("wrote %d scores to %s", len(order), args.out)
+    except Exception as exc:  # one clear line per rank, then a non-zero exit
+        print(f"[rank {ctx.rank}] {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+        if ctx.distributed:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
+        raise
+    finally:
+        if ctx.distributed:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
