@@ -1,0 +1,260 @@
+"""The Stage-1 detector: shapes, padding invariance, attention maps, frame weights, key layout."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_model_dict
+
+from xai_lib.config import ModelConfig, config_from_dict
+from xai_lib.models import Detector, DetectorBackEnd, DetectorOutput, PretrainedNotFoundError, build_ssl
+from xai_lib.models.detector import sinusoidal_positions
+
+# reference/tcm_backend_keys.tsv (published avg_5_best.pth, emb 144, heads 4, kernel 31,
+# 4 encoders), written out here so the test runs without the reference folder; when the
+# TSV is available the test also checks this copy against it.
+_TSV_CANDIDATES = [
+    Path(__file__).resolve().parents[1] / "shared" / "reference" / "tcm_backend_keys.tsv",
+    Path("/work/shared/reference/tcm_backend_keys.tsv"),
+]
+_HEAD = [
+    ("LL.weight", "(144, 1024)"),
+    ("LL.bias", "(144,)"),
+    ("first_bn.weight", "(1,)"),
+    ("first_bn.bias", "(1,)"),
+    ("first_bn.running_mean", "(1,)"),
+    ("first_bn.running_var", "(1,)"),
+    ("first_bn.num_batches_tracked", "()"),
+    ("conformer.positional_emb", "(1, 10000, 144)"),
+    ("conformer.class_token", "(1, 144)"),
+]
+_BLOCK = [
+    ("ff1.fn.fn.net.0.weight", "(576, 144)"),
+    ("ff1.fn.fn.net.0.bias", "(576,)"),
+    ("ff1.fn.fn.net.3.weight", "(144, 576)"),
+    ("ff1.fn.fn.net.3.bias", "(144,)"),
+    ("ff1.fn.norm.weight", "(144,)"),
+    ("ff1.fn.norm.bias", "(144,)"),
+    ("attn.fn.pos_embed", "(1, 4, 144)"),
+    ("attn.fn.qkv.weight", "(432, 144)"),
+    ("attn.fn.proj.weight", "(144, 144)"),
+    ("attn.fn.proj.bias", "(144,)"),
+    ("attn.fn.ht_proj.weight", "(144, 36)"),
+    ("attn.fn.ht_proj.bias", "(144,)"),
+    ("attn.fn.ht_norm.weight", "(36,)"),
+    ("attn.fn.ht_norm.bias", "(36,)"),
+    ("attn.norm.weight", "(144,)"),
+    ("attn.norm.bias", "(144,)"),
+    ("conv.net.0.weight", "(144,)"),
+    ("conv.net.0.bias", "(144,)"),
+    ("conv.net.2.weight", "(576, 144, 1)"),
+    ("conv.net.2.bias", "(576,)"),
+    ("conv.net.4.conv.weight", "(288, 1, 31)"),
+    ("conv.net.4.conv.bias", "(288,)"),
+    ("conv.net.5.weight", "(288,)"),
+    ("conv.net.5.bias", "(288,)"),
+    ("conv.net.5.running_mean", "(288,)"),
+    ("conv.net.5.running_var", "(288,)"),
+    ("conv.net.5.num_batches_tracked", "()"),
+    ("conv.net.7.weight", "(144, 288, 1)"),
+    ("conv.net.7.bias", "(144,)"),
+    ("ff2.fn.fn.net.0.weight", "(576, 144)"),
+    ("ff2.fn.fn.net.0.bias", "(576,)"),
+    ("ff2.fn.fn.net.3.weight", "(144, 576)"),
+    ("ff2.fn.fn.net.3.bias", "(144,)"),
+    ("ff2.fn.norm.weight", "(144,)"),
+    ("ff2.fn.norm.bias", "(144,)"),
+    ("post_norm.weight", "(144,)"),
+    ("post_norm.bias", "(144,)"),
+]
+_TAIL = [("conformer.fc5.weight", "(2, 144)"), ("conformer.fc5.bias", "(2,)")]
+PUBLISHED_BACKEND = (
+    _HEAD + [(f"conformer.encoder_blocks.{k}.{name}", shape) for k in range(4) for name, shape in _BLOCK] + _TAIL
+)
+
+
+def _tiny_detector(seed: int = 0, **overrides) -> Detector:
+    torch.manual_seed(seed)
+    data = tiny_model_dict()
+    data.update(overrides)
+    model = Detector(config_from_dict(data, ModelConfig))
+    # non-trivial BatchNorm statistics so that eval-mode BN is not an identity
+    for module in model.modules():
+        if isinstance(module, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d)):
+            module.running_mean.normal_(0, 0.5)
+            module.running_var.uniform_(0.5, 2.0)
+    return model.eval()
+
+
+def _waves(lengths: list[int], seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    wave = torch.zeros(len(lengths), max(lengths))
+    for i, n in enumerate(lengths):
+        wave[i, :n] = 0.1 * torch.randn(n, generator=g)
+    return wave, torch.tensor(lengths)
+
+
+def test_forward_shapes_and_score_convention():
+    model = _tiny_detector()
+    wave, _ = _waves([16000, 16000])
+    with torch.no_grad():
+        out = model(wave)
+    assert isinstance(out, DetectorOutput)
+    T = int(model.num_frames(torch.tensor([16000]))[0])
+    assert T == 49  # about L / 320, 20 ms frames
+    assert model.frame_hop_s == 0.02
+    assert out.logits.shape == (2, 2)
+    assert torch.equal(out.scores, out.logits[:, 1])  # bona fide logit: higher = more bona fide
+    assert out.ssl_features.shape == (2, T, 32)
+    assert out.neck.shape == (2, T, 16)
+    assert out.frame_tokens.shape == (2, T, 16)
+    assert out.cls_token.shape == (2, 16)
+    assert out.frame_mask.shape == (2, T) and bool(out.frame_mask.all())
+    assert out.frame_lengths.tolist() == [T, T]
+    assert out.attentions is None
+    assert model.min_input_samples == 400
+    assert torch.isfinite(out.logits).all()
+
+
+def test_padded_batch_equals_single_utterances():
+    model = _tiny_detector()
+    lengths = [16000, 11111, 5003]
+    wave, lens = _waves(lengths)
+    with torch.no_grad():
+        batched = model(wave, lens)
+        assert batched.frame_lengths.tolist() == model.num_frames(lens).tolist()
+        for i, n in enumerate(lengths):
+            single = model(wave[i : i + 1, :n])
+            T = single.frame_tokens.shape[1]
+            assert T == int(batched.frame_lengths[i])
+            torch.testing.assert_close(batched.logits[i], single.logits[0], atol=1e-5, rtol=0)
+            torch.testing.assert_close(batched.ssl_features[i, :T], single.ssl_features[0], atol=1e-5, rtol=0)
+            torch.testing.assert_close(batched.frame_tokens[i, :T], single.frame_tokens[0], atol=1e-5, rtol=0)
+            torch.testing.assert_close(batched.cls_token[i], single.cls_token[0], atol=1e-5, rtol=0)
+            # padded frames carry nothing
+            assert not batched.frame_mask[i, T:].any()
+            assert batched.frame_tokens[i, T:].abs().sum() == 0
+            assert batched.ssl_features[i, T:].abs().sum() == 0
+
+
+def test_attention_maps_per_block():
+    model = _tiny_detector()
+    lengths = [8000, 6000]
+    wave, lens = _waves(lengths)
+    with torch.no_grad():
+        out = model(wave, lens, output_attentions=True)
+        plain = model(wave, lens)
+    T = out.frame_tokens.shape[1]
+    H = 2
+    assert len(out.attentions) == 2  # one per encoder block
+    for attn in out.attentions:
+        assert attn.shape == (2, H, 1 + T + H, 1 + T + H)
+        torch.testing.assert_close(attn.sum(-1), torch.ones(2, H, 1 + T + H))
+        # padded frames of utterance 1 are never attended to
+        t1 = int(out.frame_lengths[1])
+        assert attn[1, :, :, 1 + t1 : 1 + T].abs().max() == 0
+    # the explicit-attention path computes the same function as the fused one
+    torch.testing.assert_close(out.logits, plain.logits, atol=1e-5, rtol=0)
+
+
+def test_frame_weights_all_ones_equal_no_weights_and_are_differentiable():
+    model = _tiny_detector()
+    wave, lens = _waves([9000, 7000])
+    with torch.no_grad():
+        feats, mask = model.frontend(wave, lens)
+        ref = model.backend(feats, mask)
+        ones = model.backend(feats, mask, frame_weights=torch.ones(mask.shape))
+    assert torch.equal(ref.logits, ones.logits)
+    assert torch.equal(ref.frame_tokens, ones.frame_tokens)
+
+    weights = torch.full(mask.shape, 0.5, requires_grad=True)
+    out = model.backend(feats, mask, frame_weights=weights)
+    out.logits[:, 1].sum().backward()
+    assert weights.grad is not None and weights.grad[mask].abs().sum() > 0
+    assert not torch.allclose(out.logits, ref.logits)  # removing half of each frame changes the decision
+    # zeroing a frame removes its neck contribution entirely
+    zero_first = torch.ones(mask.shape)
+    zero_first[:, 0] = 0
+    with torch.no_grad():
+        removed = model.backend(feats, mask, frame_weights=zero_first)
+    assert removed.neck[:, 0].abs().max() == 0
+
+
+def test_backend_keys_and_shapes_match_published_checkpoint():
+    """Names, shapes and order of the back end for emb 144, heads 4, kernel 31, 4 encoders."""
+    published = PUBLISHED_BACKEND
+    for tsv in _TSV_CANDIDATES:
+        if tsv.is_file():  # the copy above is faithful to the reference file
+            rows = [line.split("\t") for line in tsv.read_text().splitlines()[1:] if line.strip()]
+            assert [(key, shape) for key, shape in rows] == published
+    backend = DetectorBackEnd(ModelConfig(emb_size=144, heads=4, kernel_size=31, num_encoders=4), ssl_dim=1024)
+    ours = [(key, str(tuple(t.shape))) for key, t in backend.state_dict().items()]
+    assert ours == published
+    assert len(published) == 159
+    # the sinusoid table is fixed, never trained
+    assert not backend.conformer.positional_emb.requires_grad
+    pe = backend.conformer.positional_emb[0]
+    p, i, E = 7, 5, 144
+    assert torch.isclose(pe[p, i], torch.cos(torch.tensor(p / 10000 ** (2 * (i // 2) / E))), atol=1e-6)
+    assert torch.equal(pe[:20], sinusoidal_positions(20, E)[0])
+
+
+def test_padding_is_excluded_from_batchnorm_statistics_in_training():
+    torch.manual_seed(0)
+    cfg = config_from_dict(tiny_model_dict(), ModelConfig)
+    backend_a = DetectorBackEnd(cfg, ssl_dim=32).train()
+    backend_b = DetectorBackEnd(cfg, ssl_dim=32).train()
+    backend_b.load_state_dict(backend_a.state_dict())
+    feats = torch.randn(2, 20, 32)
+    padded = torch.cat([feats, 5 + 10 * torch.randn(2, 7, 32)], dim=1)  # garbage padding
+    mask = torch.zeros(2, 27, dtype=torch.bool)
+    mask[:, :20] = True
+    out_a = backend_a.backend(feats)
+    out_b = backend_b.backend(padded, mask)
+    torch.testing.assert_close(out_a.logits, out_b.logits, atol=1e-5, rtol=1e-5)
+    for (name, a), b in zip(backend_a.state_dict().items(), backend_b.state_dict().values()):
+        if "running" in name:
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=name)
+
+
+def test_frozen_ssl_still_trains_the_back_end():
+    data = tiny_model_dict()
+    data["ssl"] = {**data["ssl"], "freeze": True}
+    torch.manual_seed(0)
+    model = Detector(config_from_dict(data, ModelConfig)).train()
+    wave, lens = _waves([6000, 6000])
+    model(wave, lens).logits.sum().backward()
+    assert all(p.grad is None for p in model.ssl_model.parameters())
+    assert model.LL.weight.grad is not None and model.conformer.fc5.weight.grad.abs().sum() > 0
+
+
+def test_pretrained_ssl_from_local_directory(tmp_path):
+    source = build_ssl(config_from_dict(tiny_model_dict(), ModelConfig).ssl)
+    source.save_pretrained(tmp_path / "tiny_w2v")
+    cfg = config_from_dict(tiny_model_dict(), ModelConfig)
+    cfg.ssl = dataclasses.replace(cfg.ssl, pretrained_path=str(tmp_path / "tiny_w2v"))
+    loaded = build_ssl(cfg.ssl)
+    assert loaded.config.mask_time_prob == 0  # no SpecAugment masking
+    for (key, a), b in zip(source.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(a, b), key
+
+
+def test_missing_pretrained_directory_says_how_to_get_xlsr(tmp_path):
+    cfg = config_from_dict(tiny_model_dict(), ModelConfig)
+    with pytest.raises(PretrainedNotFoundError, match="huggingface-cli download facebook/wav2vec2-xls-r-300m") as err:
+        build_ssl(dataclasses.replace(cfg.ssl, pretrained_path=str(tmp_path / "nowhere")))
+    assert "model.ssl.pretrained_path" in str(err.value) and "nowhere" in str(err.value)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(PretrainedNotFoundError, match="config.json"):
+        build_ssl(dataclasses.replace(cfg.ssl, pretrained_path=str(tmp_path / "empty")))
+
+
+def test_too_short_audio_is_a_clear_error():
+    model = _tiny_detector()
+    with pytest.raises(ValueError, match="at least 400"):
+        model(torch.zeros(1, 399))
+    wave, _ = _waves([1000, 1000])
+    with pytest.raises(ValueError, match="at least 400"):
+        model(wave, torch.tensor([1000, 300]))
