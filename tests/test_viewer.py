@@ -1,0 +1,225 @@
+"""The importance viewer, driven without a browser: set widget values, check state and drawn data."""
+from __future__ import annotations
+
+import io
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import soundfile as sf  # noqa: E402
+import torch  # noqa: E402
+
+from xai_lib.plots import spans_above_threshold  # noqa: E402
+from xai_lib.viewer import ImportanceViewer, minmax_normalize  # noqa: E402
+
+SR = 16000
+HOP = 0.02
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _items() -> list[dict]:
+    rng = np.random.default_rng(0)
+    return [
+        {"utt_id": "u_spoof", "wave": (0.1 * rng.standard_normal(int(0.4 * SR))).astype(np.float32),
+         "label": 0, "score": -2.5, "attack": "A07", "spoof_spans_s": [(0.1, 0.2)]},
+        {"utt_id": "u_bona", "wave": (0.1 * rng.standard_normal(int(0.6 * SR))).astype(np.float32),
+         "label": 1, "score": 1.25, "attack": None, "spoof_spans_s": None},
+    ]
+
+
+def _fake_attribution(item: dict, method: str) -> np.ndarray:
+    """Known per-(utterance, method) output: T = duration / 20 ms frames."""
+    T = item["wave"].size // int(HOP * SR)
+    t = np.arange(T, dtype=np.float64)
+    if method == "ramp":
+        return 3.0 * t - 7.0  # normalises to t / (T - 1)
+    if method == "bump":
+        return np.exp(-0.5 * ((t - T / 3) / 2.0) ** 2)
+    raise ValueError(f"no fake attribution for {method!r}")
+
+
+class CountingAttribution:
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str]] = []
+
+    def __call__(self, item: dict, method: str) -> np.ndarray:
+        self.calls.append((item["utt_id"], method))
+        return _fake_attribution(item, method)
+
+
+@pytest.fixture(autouse=True)
+def _no_show_and_no_leaks(monkeypatch):
+    def _forbidden(*args, **kwargs):
+        raise AssertionError("the viewer must never call plt.show()")
+
+    monkeypatch.setattr(plt, "show", _forbidden)
+    yield
+    plt.close("all")
+
+
+@pytest.fixture
+def viewer(tmp_path) -> ImportanceViewer:
+    return ImportanceViewer(_items(), CountingAttribution(), methods=["ramp", "bump"],
+                            sample_rate=SR, frame_hop_s=HOP, save_dir=tmp_path / "figures")
+
+
+def _overlay_array(fig) -> np.ndarray:
+    """The importance heat strip drawn on the figure's first axes (the (1, T) image)."""
+    strips = [im for im in fig.axes[0].get_images() if im.get_array().shape[0] == 1]
+    assert len(strips) == 1
+    return np.asarray(strips[0].get_array())[0]
+
+
+def test_initial_state_shows_first_item_without_pyplot_figures(viewer):
+    assert viewer.last_error is None
+    assert viewer.current_item["utt_id"] == "u_spoof"
+    assert viewer.figure is not None and bytes(viewer.image.value)[:8] == PNG_MAGIC
+    assert plt.get_fignums() == []  # drawn on a bare Agg Figure, nothing registered with pyplot
+    assert viewer.widget.children  # something to display
+    bundle = viewer._repr_mimebundle_()
+    assert "application/vnd.jupyter.widget-view+json" in bundle
+
+
+def test_picking_an_utterance_changes_item_audio_and_figure(viewer):
+    audio_before = viewer.audio.value
+    viewer.utterance.value = "u_bona"
+    item = viewer.current_item
+    assert item["utt_id"] == "u_bona"
+    assert viewer.audio.value != audio_before
+    played, sr = sf.read(io.BytesIO(viewer.audio.value), dtype="float32")
+    assert sr == SR
+    np.testing.assert_allclose(played, item["wave"], atol=1.0 / 32768 + 1e-6)
+    expected = minmax_normalize(_fake_attribution(item, "ramp"))
+    np.testing.assert_allclose(_overlay_array(viewer.figure), expected)
+    assert viewer.figure.axes[0].get_images()[0].get_extent()[1] == pytest.approx(0.6)  # 0.6 s spectrogram
+    assert "u_bona" in viewer.figure.get_suptitle() and "bona fide" in viewer.figure.get_suptitle()
+
+
+def test_method_change_draws_that_methods_normalised_attribution(viewer):
+    viewer.method.value = "bump"
+    expected = minmax_normalize(_fake_attribution(viewer.current_item, "bump"))
+    np.testing.assert_allclose(viewer.current_importance, expected)
+    np.testing.assert_allclose(viewer.current_raw_importance, _fake_attribution(viewer.current_item, "bump"))
+    np.testing.assert_allclose(_overlay_array(viewer.figure), expected)
+    np.testing.assert_allclose(viewer.overlay.line.get_ydata(), expected)
+    assert "bump" in viewer.figure.get_suptitle()
+    viewer.method.value = "ramp"
+    T = expected.size
+    np.testing.assert_allclose(_overlay_array(viewer.figure), np.arange(T) / (T - 1))
+
+
+def test_threshold_highlights_exactly_the_frames_above_it(viewer):
+    for thr in (0.0, 0.25, 0.5, 0.9, 1.0):
+        viewer.threshold.value = thr
+        np.testing.assert_array_equal(viewer.highlighted_frames, viewer.current_importance > thr)
+        assert viewer.overlay.threshold == pytest.approx(thr)
+        assert viewer.overlay.highlighted_spans_s == spans_above_threshold(viewer.current_importance, thr, HOP)
+    viewer.threshold.value = 0.5
+    T = viewer.current_importance.size
+    assert viewer.highlighted_frames.sum() == np.sum(np.arange(T) / (T - 1) > 0.5)
+
+
+def test_audio_never_autoplays(viewer):
+    assert viewer.audio.autoplay is False
+    viewer.utterance.value = "u_bona"
+    assert viewer.audio.autoplay is False
+    assert viewer.audio.format == "wav"
+
+
+def test_save_button_writes_a_png_and_reports_the_path(viewer, tmp_path):
+    viewer.utterance.value = "u_bona"
+    viewer.method.value = "bump"
+    viewer.save_button.click()
+    path = tmp_path / "figures" / "viewer_u_bona_bump.png"
+    assert viewer.last_saved == path
+    assert path.stat().st_size > 1000 and path.read_bytes()[:8] == PNG_MAGIC
+    assert str(path) in viewer.status.value
+    other = viewer.save_png(tmp_path / "elsewhere" / "x.png")
+    assert other.read_bytes()[:8] == PNG_MAGIC
+
+
+def test_option_labels_show_id_label_attack_and_score(viewer):
+    labels = [label for label, _ in viewer.utterance.options]
+    assert "u_spoof" in labels[0] and "spoof" in labels[0] and "A07" in labels[0] and "-2.500" in labels[0]
+    assert "u_bona" in labels[1] and "bona fide" in labels[1] and "+1.250" in labels[1]
+
+
+def test_attributions_are_computed_once_per_utterance_and_method(tmp_path):
+    fn = CountingAttribution()
+    v = ImportanceViewer(_items(), fn, methods=["ramp", "bump"], save_dir=tmp_path)
+    for utt, method in [("u_bona", "ramp"), ("u_bona", "bump"), ("u_spoof", "bump"), ("u_spoof", "ramp")]:
+        v.utterance.value = utt
+        v.method.value = method
+    v.threshold.value = 0.1
+    assert sorted(fn.calls) == sorted(set(fn.calls)) and len(fn.calls) == 4
+
+
+def test_similarity_row_draws_the_prototype_similarities(tmp_path):
+    def sims(item):
+        T = item["wave"].size // 320
+        return np.linspace(-1, 1, T), np.linspace(1, -1, T)
+
+    v = ImportanceViewer(_items(), _fake_attribution, methods=["ramp"], similarity_fn=sims, save_dir=tmp_path)
+    assert len(v.figure.axes) == 4  # spectrogram + its twin, waveform, similarity
+    lines = v.figure.axes[2].get_lines()
+    np.testing.assert_allclose(lines[0].get_ydata(), np.linspace(-1, 1, 20))
+    np.testing.assert_allclose(lines[1].get_ydata(), np.linspace(1, -1, 20))
+
+
+def test_a_failing_method_shows_an_error_instead_of_breaking_the_viewer(viewer):
+    viewer.method.options = ["ramp", "bump", "broken"]
+    viewer.method.value = "broken"
+    assert "no fake attribution" in viewer.status.value and viewer.last_error
+    viewer.method.value = "ramp"
+    assert viewer.last_error is None
+
+
+@pytest.mark.parametrize(
+    "items, message",
+    [
+        ([], "at least one item"),
+        ([{"utt_id": "a"}], "'wave'"),
+        ([{"utt_id": "a", "wave": np.zeros(800)}, {"utt_id": "a", "wave": np.zeros(800)}], "duplicate utt_id"),
+        ([{"utt_id": "a", "wave": np.zeros(800), "label": 2}], "'label'"),
+    ],
+)
+def test_bad_items_raise_one_clear_error(items, message):
+    with pytest.raises(ValueError, match=message):
+        ImportanceViewer(items, _fake_attribution, methods=["ramp"])
+
+
+def test_from_detector_end_to_end(tiny_model_config, tmp_path):
+    from xai_lib.attribution import Attributor
+    from xai_lib.models.detector import Detector
+
+    torch.manual_seed(0)
+    detector = Detector(tiny_model_config).eval()
+    items = _items()
+    items[1]["score"] = None  # filled by running the detector
+    v = ImportanceViewer.from_detector(detector, items, methods=("saliency", "random"), save_dir=tmp_path)
+    assert v.last_error is None
+    wave = torch.as_tensor(items[1]["wave"])[None, :]
+    with torch.no_grad():
+        expected_score = float(detector(wave).logits[0, 1])
+    assert v.items[1]["score"] == pytest.approx(expected_score, abs=1e-5)
+    assert f"{expected_score:+.3f}" in v.utterance.options[1][0]
+
+    v.utterance.value = "u_bona"
+    att = Attributor(detector).attribute(wave, method="saliency", target=0)
+    expected = minmax_normalize(att.per_utterance()[0])
+    np.testing.assert_allclose(v.current_importance, expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(_overlay_array(v.figure), expected, rtol=1e-5, atol=1e-6)
+    v.method.value = "random"
+    assert v.current_importance.shape == expected.shape
+    assert not np.allclose(v.current_importance, expected)
+    v.save_button.click()
+    assert (tmp_path / "viewer_u_bona_random.png").stat().st_size > 1000
+
+    with pytest.raises(ValueError, match="importance_model"):
+        ImportanceViewer.from_detector(detector, items, methods=["importance"])
+    with pytest.raises(ValueError, match="unknown attribution method"):
+        ImportanceViewer.from_detector(detector, items, methods=["gradcam"])
