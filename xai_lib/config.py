@@ -215,7 +215,7 @@ class XAIConfig:
     lambda_temporal_smooth: float = 0.1
     lambda_sparsity: float = 0.01
     lambda_fidelity: float = 1.0  # 0 reproduces the seed objective
-    target_sparsity: float = 0.3  # fraction of frames a spoof explanation may mark
+    target_sparsity: float = 0.3  # fraction of frames a spoof explanation marks; also the fidelity keep budget
 
     def __post_init__(self) -> None:
         if self.representation not in ("ssl", "backend"):
@@ -234,6 +234,8 @@ class XAIConfig:
             if getattr(self, name) < 0:
                 raise ConfigError(f"xai.{name} must be >= 0, got {getattr(self, name)}")
         _check_range("xai.target_sparsity", self.target_sparsity, 0.0, 1.0)
+        if self.lambda_fidelity > 0 and self.target_sparsity == 0:
+            raise ConfigError("xai.target_sparsity is also the fidelity frame budget: it must be in (0, 1] when xai.lambda_fidelity > 0")
 
 
 @dataclass
