@@ -1,0 +1,496 @@
+"""Stage-3 attribution API (DESIGN §5): which 20 ms frames made the detector decide.
+
+One call returns a frame-level attribution for one of :data:`METHODS`, in captum's style::
+
+    attributor = Attributor(detector, importance_model=xai)      # both frozen, never modified
+    att = attributor.attribute(wave, lengths, method="integrated_gradients", target=0)
+    att.scores                 # (B, T) float, higher = more responsible for the target decision
+    att.per_utterance()        # B arrays (T_b,), padding removed
+    att.normalized().scores    # per-utterance min-max over the valid frames
+
+Methods
+-------
+``importance``
+    The learned Stage-2 importance w(t) in [0, 1]: ``importance_model.frame_importance(
+    detector, wave, lengths)`` (any object with that method, see :class:`ImportanceModel`).
+    It explains "spoof" whatever ``target`` says (it was trained for that decision).
+``integrated_gradients``
+    ``captum.attr.IntegratedGradients`` on the waveform, zero (silence) baseline,
+    ``n_steps=50`` (Gauss-Legendre), ``internal_batch_size`` interpolated waves per
+    forward/backward. Signed toward the target logit: the frame scores of an utterance
+    sum to ``logit_target(x) - logit_target(0)`` up to the convergence delta, which is
+    returned in ``extras["convergence_delta"]`` (B,).
+``saliency``
+    ``captum.attr.Saliency``: the absolute gradient of the target logit w.r.t. every sample
+    (captum's default ``abs=True``), so frame scores are non-negative sums of |grad|.
+``occlusion``
+    ``captum.attr.FeatureAblation`` with a ``feature_mask`` that groups the samples of
+    each 20 ms frame (one feature per frame, the last frame running to the valid end),
+    baseline 0: the score of a frame is ``logit_target(x) - logit_target(x with the frame
+    silenced)``, signed toward the target (positive = the frame supported the decision).
+    FeatureAblation was chosen over ``Occlusion`` because a feature mask aligns exactly
+    with the detector's frames, including the longer last frame, and needs one forward
+    per frame instead of per window position.
+``attention_rollout``
+    Attention rollout (Abnar & Zuidema, 2020) of the TCM attention maps: per block the
+    head-averaged attention (tokens: class token, T frames, H head tokens) plus the
+    identity, row-normalised; the blocks are multiplied (last @ ... @ first) and the class
+    token's row over the frame tokens 1..T is the score. Padded frames receive no
+    attention (they are masked keys), so padding does not change the valid frames' scores.
+    The TCM's direct addition of the frame mean to the class token is not an attention
+    path and is not part of the rollout. Class-agnostic (``target`` is recorded only).
+``random``
+    Seeded uniform scores in [0, 1) (``seed`` kwarg), the floor any explanation must beat.
+
+Pooling
+-------
+Gradient and ablation methods give one value per *sample*; :func:`pool_to_frames` is the
+single place where samples become frames, for every method: frame ``t`` covers samples
+``[t * 320, (t + 1) * 320)`` (20 ms at 16 kHz) and the last valid frame runs up to the
+valid length; a frame's score is the **sum** of its samples' values. Occlusion's captum
+output gives every sample of an ablated frame the frame's whole output change, so that
+value is first spread evenly over the frame's valid samples (its share), and the pooled
+sum is again exactly the output change. Padded frames are 0 in every method.
+
+Guarantees: the detector is run in ``eval()`` (a detector passed in training mode is
+switched to eval for the call and switched back, with a warning), its parameters and
+buffers are never modified and no ``.grad`` is left on them: gradients are taken w.r.t.
+the input waveform only (parameters' ``requires_grad`` is switched off for the call and
+restored afterwards). Gradient-free methods run under ``torch.no_grad()``.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, field, replace
+from typing import Any, Iterator, Protocol, runtime_checkable
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "METHODS",
+    "GRADIENT_METHODS",
+    "SAMPLE_RATE",
+    "HOP_SAMPLES",
+    "FrameAttribution",
+    "ImportanceModel",
+    "Attributor",
+    "attribute",
+    "pool_to_frames",
+    "attention_rollout",
+]
+
+logger = logging.getLogger(__name__)
+
+METHODS: tuple[str, ...] = (
+    "importance",
+    "integrated_gradients",
+    "saliency",
+    "occlusion",
+    "attention_rollout",
+    "random",
+)
+GRADIENT_METHODS: tuple[str, ...] = ("integrated_gradients", "saliency")
+SAMPLE_RATE = 16000
+HOP_SAMPLES = 320  # samples per 20 ms frame at 16 kHz
+
+# keyword arguments each method accepts (anything else is a user error)
+_METHOD_KWARGS: dict[str, dict[str, Any]] = {
+    "importance": {},
+    "integrated_gradients": {"n_steps": 50, "internal_batch_size": None, "ig_method": "gausslegendre"},
+    "saliency": {"abs": True},
+    "occlusion": {"perturbations_per_eval": 4},
+    "attention_rollout": {},
+    "random": {"seed": 0},
+}
+
+
+@runtime_checkable
+class ImportanceModel(Protocol):
+    """Anything that gives learned frame importance for the detector's frames (Stage 2)."""
+
+    def frame_importance(self, detector: nn.Module, wave: Tensor, lengths: Tensor | None) -> Tensor:
+        """Importance w(t) in [0, 1], shape (B, T) with the detector's frame count."""
+        ...
+
+
+# ----------------------------------------------------------------------------- result
+
+
+@dataclass
+class FrameAttribution:
+    """A frame-level attribution of a batch (what :meth:`Attributor.attribute` returns).
+
+    Attributes:
+        scores: (B, T) float32 on CPU, higher = more responsible for the ``target``
+            decision; padded frames (``t >= lengths[b]``) are 0.
+        lengths: (B,) long, valid frames per utterance.
+        method: the method name (one of :data:`METHODS`).
+        target: the explained class, 0 = spoof, 1 = bona fide.
+        seconds: wall time of the call (device synchronised).
+        frame_hop_s: seconds per frame (0.02); frame ``t`` starts at ``t * frame_hop_s``.
+        extras: method-specific outputs, e.g. ``convergence_delta`` (B,) for IG.
+    """
+
+    scores: Tensor
+    lengths: Tensor
+    method: str
+    target: int
+    seconds: float
+    frame_hop_s: float = 0.02
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def valid_mask(self) -> Tensor:
+        """(B, T) bool, true on valid frames."""
+        T = self.scores.shape[1]
+        return torch.arange(T)[None, :] < self.lengths[:, None]
+
+    def frame_times(self) -> np.ndarray:
+        """(T,) start time in seconds of every frame."""
+        return np.arange(self.scores.shape[1]) * self.frame_hop_s
+
+    def per_utterance(self) -> list[np.ndarray]:
+        """The scores of each utterance without padding: B float32 arrays (lengths[b],)."""
+        return [self.scores[b, : int(n)].numpy().astype(np.float32) for b, n in enumerate(self.lengths)]
+
+    def normalized(self) -> FrameAttribution:
+        """A copy with each utterance's scores min-max scaled to [0, 1] over its valid frames.
+
+        A constant utterance becomes all 0; padded frames stay 0.
+        """
+        valid = self.valid_mask
+        s = self.scores
+        lo = torch.where(valid, s, torch.full_like(s, float("inf"))).amin(dim=1, keepdim=True)  # (B, 1)
+        hi = torch.where(valid, s, torch.full_like(s, float("-inf"))).amax(dim=1, keepdim=True)
+        span = hi - lo
+        ok = torch.isfinite(span) & (span > 0)
+        out = torch.where(ok, (s - lo) / torch.where(ok, span, torch.ones_like(span)), torch.zeros_like(s))
+        return replace(self, scores=out * valid.to(out.dtype), extras=dict(self.extras))
+
+
+# ----------------------------------------------------------------------------- pooling
+
+
+def pool_to_frames(
+    sample_attr: Tensor,
+    n_frames: Tensor,
+    hop: int = HOP_SAMPLES,
+    lengths: Tensor | None = None,
+    num_frames: int | None = None,
+) -> Tensor:
+    """Sum sample-level attributions into frames (the one pooling used by every method).
+
+    Frame ``t`` of utterance ``b`` covers samples ``[t * hop, (t + 1) * hop)``; its last
+    valid frame ``n_frames[b] - 1`` extends to the end of the valid samples. Samples at or
+    past ``lengths[b]`` are ignored, and frames ``t >= n_frames[b]`` are 0.
+
+    Args:
+        sample_attr: (B, L) per-sample attributions.
+        n_frames: (B,) valid frames per utterance.
+        hop: samples per frame (320 = 20 ms at 16 kHz).
+        lengths: (B,) valid samples per utterance; ``None`` = all L.
+        num_frames: width T of the output; ``None`` = ``max(n_frames)``.
+
+    Returns:
+        (B, T) frame sums, same dtype and device as ``sample_attr``.
+    """
+    if sample_attr.dim() != 2:
+        raise ValueError(f"sample_attr must be (B, L), got shape {tuple(sample_attr.shape)}")
+    B, L = sample_attr.shape
+    device = sample_attr.device
+    n_frames = torch.as_tensor(n_frames, dtype=torch.long, device=device).reshape(-1)
+    if n_frames.numel() != B:
+        raise ValueError(f"n_frames has {n_frames.numel()} entries for a batch of {B}")
+    T = int(n_frames.max()) if num_frames is None and B else int(num_frames or 0)
+    if bool((n_frames > T).any()):
+        raise ValueError(f"n_frames {n_frames.tolist()} exceed num_frames={T}")
+    lengths = (
+        torch.full((B,), L, dtype=torch.long, device=device)
+        if lengths is None
+        else torch.as_tensor(lengths, dtype=torch.long, device=device).reshape(-1)
+    )
+    s = torch.arange(L, device=device)[None, :]  # (1, L)
+    frame = torch.minimum(s // hop, (n_frames - 1).clamp_min(0)[:, None])  # (B, L)
+    valid = (s < lengths[:, None]) & (n_frames[:, None] > 0)  # (B, L)
+    frame = torch.where(valid, frame, torch.full_like(frame, T))  # invalid -> dummy column T
+    out = torch.zeros(B, T + 1, dtype=sample_attr.dtype, device=device)
+    out.scatter_add_(1, frame, torch.where(valid, sample_attr, torch.zeros_like(sample_attr)))
+    return out[:, :T]
+
+
+def _frame_feature_mask(L: int, n_frames: Tensor, lengths: Tensor, hop: int) -> tuple[Tensor, Tensor]:
+    """FeatureAblation mask grouping each frame's samples, and each sample's share weight.
+
+    Returns:
+        mask: (B, L) long feature ids (frame index; padded samples join the last frame,
+            where ablating them, zeros to zero, changes nothing).
+        share: (B, L) float, 1 / (valid samples of the sample's frame), 0 on padding.
+    """
+    device = n_frames.device
+    s = torch.arange(L, device=device)[None, :]  # (1, L)
+    mask = torch.minimum(s // hop, (n_frames - 1).clamp_min(0)[:, None])  # (B, L)
+    valid = s < lengths[:, None]
+    T = int(n_frames.max())
+    counts = torch.zeros(mask.shape[0], T, device=device)
+    counts.scatter_add_(1, mask, valid.float())
+    share = valid.float() / torch.gather(counts, 1, mask).clamp_min(1.0)
+    return mask, share
+
+
+# ----------------------------------------------------------------------------- rollout
+
+
+def attention_rollout(attentions: tuple[Tensor, ...] | list[Tensor], num_frames: int) -> Tensor:
+    """Class-token attention rollout over the frame tokens.
+
+    Args:
+        attentions: per block (B, H, M, M) softmax weights, token order [class token,
+            ``num_frames`` frames, head tokens] (M = 1 + T + H_tokens).
+        num_frames: T.
+
+    Returns:
+        (B, T) rollout of the class token onto each frame token.
+    """
+    if not attentions:
+        raise ValueError("attention_rollout needs at least one attention map")
+    joint: Tensor | None = None
+    for attn in attentions:
+        a = attn.float().mean(dim=1)  # (B, M, M)
+        a = a + torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
+        a = a / a.sum(dim=-1, keepdim=True)
+        joint = a if joint is None else a @ joint  # (B, M, M)
+    assert joint is not None
+    return joint[:, 0, 1 : 1 + num_frames]  # (B, T)
+
+
+# ----------------------------------------------------------------------------- attributor
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@contextlib.contextmanager
+def _frozen(model: nn.Module) -> Iterator[None]:
+    """Run ``model`` in eval mode with parameters not requiring grad; restore both after."""
+    was_training = model.training
+    if was_training:
+        logger.warning("the detector was in training mode; attributing in eval() mode and switching back after")
+        model.eval()
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        if was_training:
+            model.train()
+
+
+class Attributor:
+    """Frame-level attributions of a frozen detector's decisions (captum-style).
+
+    Args:
+        detector: a Stage-1 :class:`~xai_lib.models.detector.Detector` (or anything with
+            ``forward(wave, lengths, output_attentions) -> .logits/.attentions`` and
+            ``num_frames(lengths)``). Never modified.
+        importance_model: a Stage-2 model with ``frame_importance(detector, wave, lengths)``;
+            needed only for ``method="importance"``.
+        sample_rate: audio rate of the waveforms (the frame hop is 20 ms).
+    """
+
+    def __init__(
+        self,
+        detector: nn.Module,
+        importance_model: ImportanceModel | None = None,
+        sample_rate: int = SAMPLE_RATE,
+    ) -> None:
+        self.detector = detector
+        self.importance_model = importance_model
+        self.frame_hop_s = float(getattr(detector, "frame_hop_s", 0.02))
+        self.hop = int(round(self.frame_hop_s * sample_rate))
+
+    @property
+    def device(self) -> torch.device:
+        p = next(self.detector.parameters(), None)
+        return p.device if p is not None else torch.device("cpu")
+
+    # ------------------------------------------------------------------ public
+
+    def attribute(
+        self,
+        wave: Tensor | np.ndarray,
+        lengths: Tensor | None = None,
+        method: str = "importance",
+        target: int = 0,
+        **kwargs: Any,
+    ) -> FrameAttribution:
+        """Attribute the detector's ``target`` decision to the 20 ms frames of ``wave``.
+
+        Args:
+            wave: (B, L) float waveform at 16 kHz, right-padded (a (L,) wave is one utterance).
+            lengths: (B,) valid samples per utterance; ``None`` = all L.
+            method: one of :data:`METHODS`.
+            target: 0 = explain "spoof", 1 = explain "bona fide" (logit column).
+            **kwargs: method options: ``integrated_gradients``: ``n_steps`` (50),
+                ``internal_batch_size`` (default B x min(n_steps, 10)), ``ig_method``
+                ("gausslegendre"); ``saliency``: ``abs`` (True); ``occlusion``:
+                ``perturbations_per_eval`` (4 frames ablated per forward); ``random``:
+                ``seed`` (0).
+
+        Returns:
+            :class:`FrameAttribution` with scores (B, T), T = the detector's frame count for L.
+
+        Raises:
+            ValueError: unknown method/option, bad target or shapes, or ``importance``
+                without an importance model.
+        """
+        if method not in METHODS:
+            raise ValueError(f"unknown attribution method {method!r}; valid methods: {', '.join(METHODS)}")
+        if target not in (0, 1):
+            raise ValueError(f"target must be 0 (spoof) or 1 (bona fide), got {target!r}")
+        allowed = _METHOD_KWARGS[method]
+        unknown = sorted(set(kwargs) - set(allowed))
+        if unknown:
+            raise ValueError(
+                f"method {method!r} does not take option(s) {unknown}; it accepts: "
+                f"{', '.join(allowed) if allowed else 'none'}"
+            )
+        opts = {**allowed, **kwargs}
+        if method == "importance" and self.importance_model is None:
+            raise ValueError(
+                "method='importance' needs the Stage-2 XAI model: pass importance_model=<loaded XAI "
+                "module with frame_importance(detector, wave, lengths)> to Attributor/attribute, "
+                f"or pick a baseline method ({', '.join(m for m in METHODS if m != 'importance')})"
+            )
+
+        wave, lengths = self._prepare(wave, lengths)
+        B, L = wave.shape
+        n_frames = self.detector.num_frames(lengths.cpu()).to(torch.long)  # (B,)
+        T = int(self.detector.num_frames(torch.tensor([L])).item())
+        if bool((n_frames < 1).any()):
+            raise ValueError(
+                f"utterance(s) too short for one detector frame: lengths {lengths.tolist()} samples"
+            )
+        device = wave.device
+        extras: dict[str, Any] = {}
+        _sync(device)
+        t0 = time.perf_counter()
+        with _frozen(self.detector):
+            fn = getattr(self, f"_{method}")
+            scores = fn(wave, lengths, n_frames.to(device), T, target, opts, extras)  # (B, T)
+        _sync(device)
+        seconds = time.perf_counter() - t0
+
+        scores = scores.detach().float().cpu()
+        if scores.shape != (B, T):
+            raise RuntimeError(f"{method} produced scores of shape {tuple(scores.shape)}, expected {(B, T)}")
+        valid = torch.arange(T)[None, :] < n_frames[:, None]
+        scores = torch.where(valid, scores, torch.zeros_like(scores))
+        return FrameAttribution(
+            scores=scores, lengths=n_frames.cpu(), method=method, target=target, seconds=seconds,
+            frame_hop_s=self.frame_hop_s, extras=extras,
+        )
+
+    # ------------------------------------------------------------------ helpers
+
+    def _prepare(self, wave: Tensor | np.ndarray, lengths: Tensor | None) -> tuple[Tensor, Tensor]:
+        wave = torch.as_tensor(wave)
+        if wave.dim() == 1:
+            wave = wave[None, :]
+        if wave.dim() != 2:
+            raise ValueError(f"wave must be (B, L) samples (or (L,) for one utterance), got shape {tuple(wave.shape)}")
+        wave = wave.detach().to(self.device, torch.float32)
+        B, L = wave.shape
+        if lengths is None:
+            lengths = torch.full((B,), L, dtype=torch.long)
+        lengths = torch.as_tensor(lengths, dtype=torch.long).reshape(-1).to(self.device)
+        if lengths.numel() != B:
+            raise ValueError(f"lengths has {lengths.numel()} entries for a batch of {B} waves")
+        if bool((lengths > L).any()) or bool((lengths < 1).any()):
+            raise ValueError(f"lengths must lie in [1, {L}] (the padded length), got {lengths.tolist()}")
+        return wave, lengths
+
+    def _logits(self, wave: Tensor, lengths: Tensor) -> Tensor:
+        """The captum forward function: waves (B', L) -> logits (B', 2)."""
+        return self.detector(wave, lengths).logits
+
+    # ------------------------------------------------------------------ methods
+    # each: (wave (B, L), lengths (B,), n_frames (B,), T, target, opts, extras) -> (B, T)
+
+    def _importance(self, wave, lengths, n_frames, T, target, opts, extras) -> Tensor:  # noqa: ANN001
+        with torch.no_grad():
+            w = self.importance_model.frame_importance(self.detector, wave, lengths)  # type: ignore[union-attr]
+        w = torch.as_tensor(w)
+        if w.shape != (wave.shape[0], T):
+            raise ValueError(
+                f"importance_model.frame_importance returned shape {tuple(w.shape)}, expected (B, T) = "
+                f"{(wave.shape[0], T)} (one value per detector frame)"
+            )
+        return w
+
+    def _integrated_gradients(self, wave, lengths, n_frames, T, target, opts, extras) -> Tensor:  # noqa: ANN001
+        from captum.attr import IntegratedGradients
+
+        B = wave.shape[0]
+        n_steps = int(opts["n_steps"])
+        ibs = opts["internal_batch_size"] or B * min(n_steps, 10)
+        ig = IntegratedGradients(self._logits)
+        attr, delta = ig.attribute(
+            wave.clone().requires_grad_(True), baselines=torch.zeros_like(wave), target=target,
+            additional_forward_args=(lengths,), n_steps=n_steps, method=opts["ig_method"], internal_batch_size=max(int(ibs), B),
+            return_convergence_delta=True,
+        )  # (B, L), (B,)
+        extras["convergence_delta"] = delta.detach().float().cpu()
+        extras["n_steps"] = n_steps
+        return pool_to_frames(attr.detach(), n_frames, self.hop, lengths, T)
+
+    def _saliency(self, wave, lengths, n_frames, T, target, opts, extras) -> Tensor:  # noqa: ANN001
+        from captum.attr import Saliency
+
+        grad = Saliency(self._logits).attribute(
+            wave.clone().requires_grad_(True), target=target, abs=bool(opts["abs"]), additional_forward_args=(lengths,)
+        )  # (B, L)
+        return pool_to_frames(grad.detach(), n_frames, self.hop, lengths, T)
+
+    def _occlusion(self, wave, lengths, n_frames, T, target, opts, extras) -> Tensor:  # noqa: ANN001
+        from captum.attr import FeatureAblation
+
+        mask, share = _frame_feature_mask(wave.shape[1], n_frames, lengths, self.hop)  # (B, L) x2
+        with torch.no_grad():
+            attr = FeatureAblation(self._logits).attribute(
+                wave, baselines=0.0, target=target, additional_forward_args=(lengths,),
+                feature_mask=mask, perturbations_per_eval=int(opts["perturbations_per_eval"]),
+            )  # (B, L): every sample holds its frame's output change
+        return pool_to_frames(attr * share, n_frames, self.hop, lengths, T)
+
+    def _attention_rollout(self, wave, lengths, n_frames, T, target, opts, extras) -> Tensor:  # noqa: ANN001
+        with torch.no_grad():
+            out = self.detector(wave, lengths, output_attentions=True)
+        if not out.attentions:
+            raise ValueError("the detector returned no attention maps; attention_rollout needs a TCM back end")
+        return attention_rollout(out.attentions, T)
+
+    def _random(self, wave, lengths, n_frames, T, target, opts, extras) -> Tensor:  # noqa: ANN001
+        gen = torch.Generator().manual_seed(int(opts["seed"]))
+        return torch.rand(wave.shape[0], T, generator=gen)
+
+
+def attribute(
+    detector: nn.Module,
+    wave: Tensor | np.ndarray,
+    lengths: Tensor | None = None,
+    method: str = "importance",
+    target: int = 0,
+    importance_model: ImportanceModel | None = None,
+    **kwargs: Any,
+) -> FrameAttribution:
+    """One-call form of :meth:`Attributor.attribute` (see there for the arguments)."""
+    return Attributor(detector, importance_model).attribute(wave, lengths, method=method, target=target, **kwargs)
