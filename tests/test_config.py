@@ -78,3 +78,9 @@ def test_missing_file_and_bad_override():
         load_config("nope/missing.yaml", Stage1Config)
     with pytest.raises(ConfigError, match="section.key=value"):
         load_config(None, Stage1Config, ["training.batch_size"])
+
+
+def test_yaml_exponent_without_dot_is_a_number(tmp_path):
+    p = tmp_path / "lr.yaml"
+    p.write_text("training:\n  lr: 1e-4\n")  # YAML 1.1 reads this as a string
+    assert load_config(p, Stage1Config).training.lr == 1e-4

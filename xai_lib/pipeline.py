@@ -968,6 +968,47 @@ def _parse_sweep(spec: str, declared02: Mapping[str, Any], declared03: Mapping[s
     return key, values, "override"
 
 
+_OVERRIDE_SECTIONS = {1: ("training.", "data.", "model."), 2: ("training.", "data.", "xai.", "detector.")}
+
+
+def _overrides_for(stage: int, overrides: Sequence[str]) -> list[str]:
+    """The ``--override`` entries that belong to ``stage``'s config schema.
+
+    ``model.*`` goes to Stage 1, ``xai.*``/``detector.*`` to Stage 2, ``training.*`` and
+    ``data.*`` to both.
+    """
+    return [ov for ov in overrides if ov.split("=", 1)[0].strip().startswith(_OVERRIDE_SECTIONS[stage])]
+
+
+def _config_params(configs: Mapping[int, Path], overrides: Sequence[str]) -> dict[int, dict[str, Any]]:
+    """Notebook parameters that mirror config values (batch size, epochs, seed, ...).
+
+    The notebooks' own defaults are the real recipe (batch 32 / 30 epochs for Stage 1);
+    the runner passes the chosen config's values so that ``configs/demo.yaml`` means what
+    it says.
+    """
+    from .config import ConfigError, Stage1Config, Stage2Config, load_config
+
+    out: dict[int, dict[str, Any]] = {}
+    for n, schema in ((1, Stage1Config), (2, Stage2Config)):
+        if n not in configs:
+            continue
+        own = _overrides_for(n, overrides)
+        try:
+            cfg = load_config(configs[n], schema, own)
+        except ConfigError as exc:
+            raise PipelineError(str(exc)) from None
+        values: dict[str, Any] = {
+            "batch_size": cfg.training.batch_size,
+            "num_epochs": cfg.training.num_epochs,
+            "seed": cfg.training.seed,
+        }
+        if n == 2:
+            values.update(prototype_mode=cfg.xai.prototype_mode, lambda_fidelity=cfg.xai.lambda_fidelity)
+        out[n] = values
+    return out
+
+
 def _make_plan(args: argparse.Namespace) -> _Plan:
     cwd = _abs(args.cwd, Path.cwd()) if args.cwd else Path.cwd().absolute()
     if not cwd.is_dir():
@@ -1007,6 +1048,10 @@ def _make_plan(args: argparse.Namespace) -> _Plan:
     for ov in args.override:
         if "=" not in ov or not ov.split("=", 1)[0].strip():
             raise PipelineError(f"--override {ov!r}: expected KEY=VALUE with a dotted key (e.g. training.lr=1e-4)")
+        if not any(ov.strip().startswith(p) for ps in _OVERRIDE_SECTIONS.values() for p in ps):
+            raise PipelineError(
+                f"--override {ov!r}: the key must start with model., xai., detector., training. or data."
+            )
 
     # ---- base parameters (only names a notebook declares are passed)
     base: dict[int, dict[str, Any]] = {n: {} for n in (1, 2, 3)}
@@ -1021,6 +1066,10 @@ def _make_plan(args: argparse.Namespace) -> _Plan:
             base[n]["smoke"] = True
         if n in (1, 2):
             base[n]["overrides"] = []
+
+    # ---- the notebooks' recipe parameters come from the stage configs (a -p still wins)
+    for n, values in _config_params(configs, args.override).items():
+        base[n].update(values)
 
     # ---- -p NAME VALUE
     user: dict[str, tuple[str, Any]] = {}
@@ -1043,7 +1092,7 @@ def _make_plan(args: argparse.Namespace) -> _Plan:
             if name in decl:
                 p[name] = _coerce_param(name, value, raw, decl[name], _BY_NUMBER[n].notebook)
         if "overrides" in decl and args.override:
-            p["overrides"] = list(p.get("overrides") or []) + list(args.override)
+            p["overrides"] = list(p.get("overrides") or []) + _overrides_for(n, args.override)
         params[n] = p
     unused = [name for name in user if not any(name in declared.get(st.number, {}) for st in stages)]
     for name in unused:
