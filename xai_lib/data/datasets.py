@@ -1,0 +1,330 @@
+"""Torch datasets over protocols, the padding collate function and split building.
+
+``TrainDataset`` yields fixed-length, optionally RawBoost-augmented crops whose randomness
+depends only on ``(seed, epoch, index)`` (reproducible regardless of DataLoader workers);
+``EvalDataset`` yields full-length waves (or the first ``crop_samples``). Bad audio either
+raises :class:`~xai_lib.data.audio.AudioError` or, with ``on_bad_audio="skip"``, is skipped,
+recorded and reported. ``build_split`` turns a :class:`~xai_lib.config.DataConfig` into the
+utterance list of a split.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import soundfile as sf
+import torch
+from torch.utils.data import Dataset
+
+from ..config import DataConfig
+from .audio import AudioError, crop_or_pad, load_audio, pad_batch
+from .protocols import ProtocolError, Utterance, check_files_exist, load_segment_labels, read_protocol
+from .rawboost import rawboost
+
+__all__ = [
+    "TrainDataset",
+    "EvalDataset",
+    "collate_padded",
+    "scan_audio",
+    "build_split",
+    "load_partial_split",
+    "subsample_utterances",
+    "SUBSAMPLE_SEED",
+]
+
+log = logging.getLogger(__name__)
+
+#: The fixed seed of ``max_*_utts`` subsampling (the same subset on every run).
+SUBSAMPLE_SEED = 0
+
+Skipped = tuple[str, str, str]  # (utt_id, path, reason)
+
+
+class _AudioDataset(Dataset):
+    """Shared bad-audio bookkeeping."""
+
+    def __init__(self, utts: Sequence[Utterance], sample_rate: int, on_bad_audio: str) -> None:
+        if on_bad_audio not in ("error", "skip"):
+            raise ValueError(f"on_bad_audio must be 'error' or 'skip', got {on_bad_audio!r}")
+        self.utts = list(utts)
+        self.sample_rate = sample_rate
+        self.on_bad_audio = on_bad_audio
+        self.skipped: list[Skipped] = []
+        self._skipped_ids: set[str] = set()
+
+    def __len__(self) -> int:
+        return len(self.utts)
+
+    def _load(self, utt: Utterance) -> np.ndarray | None:
+        try:
+            return load_audio(utt.path, self.sample_rate)
+        except AudioError as exc:
+            if self.on_bad_audio == "error":
+                raise
+            if utt.utt_id not in self._skipped_ids:
+                self._skipped_ids.add(utt.utt_id)
+                self.skipped.append((utt.utt_id, str(utt.path), exc.reason))
+                log.warning("skipping %s (%s): %s", utt.utt_id, utt.path, exc.reason)
+            return None
+
+    def bad_audio_report(self) -> str:
+        """A human-readable list of the skipped utterances (empty string when none).
+
+        With DataLoader workers (``num_workers > 0``) skips happen in the worker processes and
+        are not seen here; use :func:`scan_audio` before training for a complete list.
+        """
+        return _report(self.skipped, len(self.utts))
+
+    @staticmethod
+    def _item(utt: Utterance, wave: np.ndarray) -> dict[str, Any]:
+        return {
+            "wave": torch.from_numpy(np.ascontiguousarray(wave, dtype=np.float32)),
+            "label": -1 if utt.label is None else int(utt.label),
+            "utt_id": utt.utt_id,
+            "attack": utt.attack,
+        }
+
+
+def _report(skipped: Sequence[Skipped], total: int) -> str:
+    if not skipped:
+        return ""
+    lines = [f"{len(skipped)} of {total} utterances skipped because of bad audio:"]
+    lines += [f"  {u}  {p}: {r}" for u, p, r in skipped]
+    return "\n".join(lines)
+
+
+class TrainDataset(_AudioDataset):
+    """Fixed-length training crops with optional RawBoost.
+
+    Args:
+        utts: the training utterances.
+        crop_samples: crop length (repeat-padded when an utterance is shorter).
+        sample_rate: audio is resampled to this rate.
+        rawboost_algo: 0 = off, 1..8 (see :mod:`xai_lib.data.rawboost`).
+        seed: base seed; item ``i`` of epoch ``e`` uses ``default_rng([seed, e, i])``.
+        on_bad_audio: ``"error"`` raises AudioError, ``"skip"`` returns ``None`` (dropped by
+            :func:`collate_padded`) and records the file in ``skipped``.
+
+    Items: ``{"wave": (crop_samples,) float32, "label": int, "utt_id": str, "attack": str}``.
+    The crop is taken first and RawBoost applied to it (cheaper than augmenting the whole file).
+    """
+
+    def __init__(
+        self,
+        utts: Sequence[Utterance],
+        crop_samples: int,
+        sample_rate: int = 16000,
+        rawboost_algo: int = 0,
+        seed: int = 0,
+        on_bad_audio: str = "error",
+    ) -> None:
+        super().__init__(utts, sample_rate, on_bad_audio)
+        if crop_samples <= 0:
+            raise ValueError(f"crop_samples must be positive, got {crop_samples}")
+        if not 0 <= rawboost_algo <= 8:
+            raise ValueError(f"rawboost_algo must be 0..8, got {rawboost_algo}")
+        self.crop_samples = crop_samples
+        self.rawboost_algo = rawboost_algo
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Choose the epoch whose crops/augmentations are drawn (call before each epoch)."""
+        self.epoch = int(epoch)
+
+    def __getitem__(self, index: int) -> dict[str, Any] | None:
+        utt = self.utts[index]
+        x = self._load(utt)
+        if x is None:
+            return None
+        rng = np.random.default_rng([self.seed % 2**32, self.epoch, index])
+        x = crop_or_pad(x, self.crop_samples, rng)  # (crop_samples,)
+        if self.rawboost_algo:
+            x = rawboost(x, self.rawboost_algo, self.sample_rate, rng)
+        return self._item(utt, x)
+
+
+class EvalDataset(_AudioDataset):
+    """Full-length evaluation waves (or the first ``crop_samples``, repeat-padded).
+
+    Args:
+        utts: the utterances to score.
+        sample_rate: audio is resampled to this rate.
+        crop_samples: ``None`` = full length; else exactly this many samples from the start.
+        on_bad_audio: as for :class:`TrainDataset`.
+    """
+
+    def __init__(
+        self,
+        utts: Sequence[Utterance],
+        sample_rate: int = 16000,
+        crop_samples: int | None = None,
+        on_bad_audio: str = "error",
+    ) -> None:
+        super().__init__(utts, sample_rate, on_bad_audio)
+        self.crop_samples = crop_samples
+
+    def __getitem__(self, index: int) -> dict[str, Any] | None:
+        utt = self.utts[index]
+        x = self._load(utt)
+        if x is None:
+            return None
+        if self.crop_samples is not None:
+            x = crop_or_pad(x, self.crop_samples, None)
+        return self._item(utt, x)
+
+
+def collate_padded(items: Sequence[dict[str, Any] | None]) -> dict[str, Any]:
+    """Batch dataset items with zero right-padding; ``None`` items (skipped audio) are dropped.
+
+    Returns:
+        ``wave`` (B, L) float32, ``lengths`` (B,) long, ``labels`` (B,) long (-1 = unknown),
+        ``utt_ids`` list[str], ``attacks`` list[str]. B may be 0 when every item was skipped.
+    """
+    kept = [it for it in items if it is not None]
+    wave, lengths = pad_batch([it["wave"] for it in kept])
+    return {
+        "wave": wave,
+        "lengths": lengths,
+        "labels": torch.tensor([int(it["label"]) for it in kept], dtype=torch.long),
+        "utt_ids": [it["utt_id"] for it in kept],
+        "attacks": [it.get("attack", "-") for it in kept],
+    }
+
+
+def scan_audio(
+    utts: Sequence[Utterance], sample_rate: int = 16000, on_bad_audio: str = "error"
+) -> tuple[list[Utterance], list[Skipped]]:
+    """Check every file's header with ``soundfile.info`` (cheap: no decoding).
+
+    Finds missing, unreadable and zero-length files (NaN samples need decoding and are
+    caught at load time). ``on_bad_audio="error"`` raises one AudioError listing the count and
+    the first five; ``"skip"`` returns the good utterances and ``(utt_id, path, reason)`` of the bad.
+    Files at another rate than ``sample_rate`` are fine (resampled on load) and only logged.
+    """
+    good: list[Utterance] = []
+    bad: list[Skipped] = []
+    other_rates: set[int] = set()
+    for u in utts:
+        path = Path(u.path)
+        reason = None
+        if not path.is_file():
+            reason = "audio file does not exist"
+        else:
+            try:
+                info = sf.info(str(path))
+                if info.frames <= 0:
+                    reason = "audio file has zero length (no samples)"
+                elif info.samplerate != sample_rate:
+                    other_rates.add(int(info.samplerate))
+            except Exception as exc:
+                reason = f"unreadable or corrupt audio ({type(exc).__name__}: {exc})"
+        if reason is None:
+            good.append(u)
+        else:
+            bad.append((u.utt_id, str(path), reason))
+    if other_rates:
+        log.info("some files are at %s Hz; they are resampled to %d Hz on load", sorted(other_rates), sample_rate)
+    if bad and on_bad_audio == "error":
+        first = "\n  ".join(f"{p}: {r}" for _, p, r in bad[:5])
+        raise AudioError(bad[0][1], f"{len(bad)} of {len(utts)} audio files are unusable; first ones:\n  {first}\n")
+    if bad:
+        log.warning(_report(bad, len(utts)))
+    return good, bad
+
+
+def subsample_utterances(utts: Sequence[Utterance], n: int | None, seed: int = SUBSAMPLE_SEED) -> list[Utterance]:
+    """At most ``n`` utterances, stratified by label (each class keeps its share, at least one
+    utterance per class when ``n`` allows), chosen with a fixed seed, in protocol order."""
+    utts = list(utts)
+    if n is None or n >= len(utts):
+        return utts
+    if n <= 0:
+        raise ValueError(f"subsample size must be positive, got {n}")
+    rng = np.random.default_rng(seed)
+    groups: dict[Any, list[int]] = {}
+    for i, u in enumerate(utts):
+        groups.setdefault(u.label, []).append(i)
+    keys = sorted(groups, key=lambda k: (k is None, k))
+    quota = {k: len(groups[k]) * n // len(utts) for k in keys}
+    for k in keys:  # every class present when possible
+        if quota[k] == 0 and sum(quota.values()) < n:
+            quota[k] = 1
+    for k in sorted(keys, key=lambda k: -len(groups[k])):  # distribute the remainder
+        while sum(quota.values()) < n and quota[k] < len(groups[k]):
+            quota[k] += 1
+    chosen: list[int] = []
+    for k in keys:
+        idx = groups[k]
+        chosen += list(rng.choice(idx, size=quota[k], replace=False)) if quota[k] < len(idx) else idx
+    return [utts[i] for i in sorted(int(i) for i in chosen)]
+
+
+def _protocol_path(cfg: DataConfig, value: str) -> Path:
+    p = Path(value).expanduser()
+    return p if p.is_absolute() else Path(cfg.root).expanduser() / p
+
+
+def build_split(data_cfg: DataConfig, split: str) -> list[Utterance]:
+    """The utterances of ``split`` ("train", "dev" or "eval") described by ``data_cfg``.
+
+    Reads ``data_cfg.{split}_protocol`` (relative to ``data_cfg.root`` unless absolute) in
+    ``data_cfg.format``, subsamples to ``max_train_utts`` (train) / ``max_eval_utts`` (dev,
+    eval) with a fixed seed, and checks that every audio file exists.
+
+    Raises:
+        ProtocolError: no protocol configured for the split or a malformed protocol.
+        MissingAudioError: listed audio files are missing.
+    """
+    if split not in ("train", "dev", "eval"):
+        raise ValueError(f"split must be 'train', 'dev' or 'eval', got {split!r}")
+    value = getattr(data_cfg, f"{split}_protocol")
+    if not value:
+        raise ProtocolError(f"data.{split}_protocol is not set; point it at the {split} protocol file")
+    path = _protocol_path(data_cfg, value)
+    utts = read_protocol(path, root=data_cfg.root, format=data_cfg.format)
+    limit = data_cfg.max_train_utts if split == "train" else data_cfg.max_eval_utts
+    utts = subsample_utterances(utts, limit)
+    check_files_exist(utts, path)
+    return utts
+
+
+def load_partial_split(data_cfg: DataConfig, split: str) -> tuple[list[Utterance], dict[str, np.ndarray]]:
+    """The partially spoofed utterances of ``split`` ("dev" or "eval") and their segment labels.
+
+    Uses ``data_cfg.partial_{split}_protocol`` and ``partial_{split}_segment_labels`` (relative
+    to ``root`` unless absolute), subsampled to ``max_eval_utts``.
+
+    Returns:
+        utterances, and utt → int8 segment labels (PartialSpoof convention: 1 = bona fide,
+        0 = spoof; see :func:`~xai_lib.data.protocols.spoof_frame_mask`).
+
+    Raises:
+        ProtocolError: unset/malformed protocol or labels, or utterances without segment labels.
+        MissingAudioError: listed audio files are missing.
+    """
+    if split not in ("dev", "eval"):
+        raise ValueError(f"partial split must be 'dev' or 'eval', got {split!r}")
+    proto_value = getattr(data_cfg, f"partial_{split}_protocol")
+    labels_value = getattr(data_cfg, f"partial_{split}_segment_labels")
+    if not proto_value or not labels_value:
+        raise ProtocolError(
+            f"data.partial_{split}_protocol and data.partial_{split}_segment_labels must both be set "
+            "to evaluate localization on partially spoofed audio"
+        )
+    path = _protocol_path(data_cfg, proto_value)
+    # PartialSpoof protocols have their own (5-column) layout whatever data.format says
+    utts = read_protocol(path, root=data_cfg.root, format="auto")
+    utts = subsample_utterances(utts, data_cfg.max_eval_utts)
+    label_path = _protocol_path(data_cfg, labels_value)
+    seglab = load_segment_labels(label_path)
+    missing = [u.utt_id for u in utts if u.utt_id not in seglab]
+    if missing:
+        raise ProtocolError(
+            f"{label_path}: no segment labels for {len(missing)} of {len(utts)} utterances of {path} "
+            f"(first: {', '.join(missing[:5])}); the protocol and the label file do not belong together"
+        )
+    check_files_exist(utts, path)
+    return utts, {u.utt_id: seglab[u.utt_id] for u in utts}
