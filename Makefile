@@ -23,6 +23,11 @@ test: setup  ## unit, integration and smoke tests (no browser)
 corpus: setup  ## only (re)generate the demo corpus
 	$(PY) -m xai_lib.data.synthetic --out outputs/data/demo_corpus --size demo --seed 0
 
+test-e2e: setup  ## browser end-to-end test: notebook 03's viewer in JupyterLab + headless Chromium (installs chromium via apt)
+	@test -x /usr/bin/chromium || (apt-get update && apt-get install -y chromium chromium-driver)
+	@$(PY) -c "import playwright.sync_api" 2>/dev/null || $(VENV)/bin/pip install -e ".[dev,e2e]"
+	XAI_E2E_REQUIRED=1 HF_HUB_OFFLINE=1 $(PY) -m pytest -o addopts="" -m e2e -q -rs tests/e2e
+
 lab: setup  ## open JupyterLab on the notebooks (the viewer lives in notebook 03)
 	$(VENV)/bin/jupyter lab notebooks/
 
