@@ -17,20 +17,21 @@ a Rosenberg glottal pulse train with per-period jitter and shimmer and a moving 
 scaling, jitter, shimmer and breathiness), a cascade of five formant resonators moving between
 vowel targets, noise-excited fricatives and stop bursts, pauses; then a random room (short
 exponentially decaying impulse response with a random direct-to-reverberant ratio and
-microphone tilt) and coloured background noise at 20-40 dB SNR.
+microphone tilt), then coloured background noise at 30-50 dB SNR.
 
-**Spoofs** are freshly synthesized content of the same kind passed through one *attack*
-(a vocoder-like artifact), then the *same* room/noise distribution, so neither room, noise,
+**Spoofs** are freshly synthesized content of the same kind, coloured by the same room
+distribution (as a TTS/VC system models a recorded speaker), passed through one *attack*
+(a vocoder-like artifact), then the *same* noise distribution, so neither room, noise,
 silence nor level is a cue: every utterance is normalised to an active-speech RMS drawn
 uniformly in [-26, -20] dBFS whatever its class. Attacks (:data:`ATTACKS`):
 
 - A01 Griffin-Lim phase reconstruction with few iterations (phasiness),
-- A02 mel-inversion smoothing (a temporally smoothed 24-40 band mel spectrogram inverted to
+- A02 mel-inversion smoothing (a temporally smoothed 16-28 band mel spectrogram inverted to
   a smooth envelope on the original phase: smeared harmonics),
 - A03 band-limiting to 8 kHz and 2x upsampling with a short interpolation filter (images above 4 kHz),
 - A04 buzz-excited LPC resynthesis without jitter/shimmer (impulse train at the smooth F0),
 - A05 unit concatenation: 20-60 ms units, some repeated or misaligned, joined with hard seams (unseen),
-- A06 low-bit (5-7 bit) mu-law companding quantisation (unseen).
+- A06 low-bit (4-6 bit) mu-law companding quantisation (unseen).
 
 Train and dev use A01-A04; eval uses A01 and A04 (seen) plus A05 and A06 (unseen).
 
@@ -58,7 +59,7 @@ import os
 import shutil
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -92,12 +93,12 @@ GENERATOR_VERSION = 1
 BONAFIDE_FRACTION = 0.3
 
 ATTACKS: dict[str, str] = {
-    "A01": "Griffin-Lim phase reconstruction from the STFT magnitude with 4-10 iterations (phasiness)",
-    "A02": "mel-inversion smoothing: 24-40 band mel power, smoothed over 3-5 frames, inverted to a smooth envelope on the original phase",
-    "A03": "band-limiting to 8 kHz and 2x upsampling with a short (7-15 tap) interpolation filter: spectral images above 4 kHz",
+    "A01": "Griffin-Lim phase reconstruction from the STFT magnitude with 2-5 iterations (phasiness)",
+    "A02": "mel-inversion smoothing: 16-28 band mel power, smoothed over 5-9 frames, inverted to a smooth envelope on the original phase",
+    "A03": "band-limiting to 8 kHz and 2x upsampling with a short (3-7 tap) interpolation filter: spectral images above 4 kHz",
     "A04": "buzz-excited LPC resynthesis (order 18, 8 ms frames): impulse train at the smooth F0 without jitter/shimmer, noise when unvoiced",
     "A05": "unit concatenation: 20-60 ms units, some repeated or misaligned by up to 12 ms, joined with hard seams",
-    "A06": "low-bit quantisation: 5-7 bit mu-law companding without dither",
+    "A06": "low-bit quantisation: 4-6 bit mu-law companding without dither",
 }
 TRAIN_ATTACKS: tuple[str, ...] = ("A01", "A02", "A03", "A04")
 EVAL_ATTACKS: tuple[str, ...] = ("A01", "A04", "A05", "A06")
@@ -417,8 +418,8 @@ def _synthesize_content(spk: Speaker, n: int, rng: np.random.Generator) -> _Cont
 # ----------------------------------------------------------------------------- room, noise, level
 
 
-def _room_and_noise(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Random room impulse response, microphone tilt and coloured background noise."""
+def _room(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Random room impulse response and microphone tilt (the 'recording' of the content)."""
     n = len(x)
     rt60 = rng.uniform(0.1, 0.5)
     length = int(rng.uniform(0.03, 0.2) * SAMPLE_RATE)
@@ -429,11 +430,15 @@ def _room_and_noise(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     tail[0] = 1.0  # direct path
     y = signal.fftconvolve(x, tail)[:n]
     tilt = rng.uniform(-0.4, 0.4)  # first-order microphone colouration
-    y = signal.lfilter([1.0, -tilt], [1.0], y) / (1.0 + abs(tilt))
+    return signal.lfilter([1.0, -tilt], [1.0], y) / (1.0 + abs(tilt))
+
+
+def _add_noise(y: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Coloured background noise at 30-50 dB SNR (bona fide and spoof alike)."""
+    n = len(y)
     noise = signal.lfilter([1.0], [1.0, -rng.uniform(0.7, 0.98)], rng.standard_normal(n))
-    snr_db = rng.uniform(20.0, 40.0)
-    p_speech = _active_power(y)
-    noise *= np.sqrt(p_speech / (np.mean(noise**2) * 10.0 ** (snr_db / 10.0)))
+    snr_db = rng.uniform(30.0, 50.0)
+    noise *= np.sqrt(_active_power(y) / (np.mean(noise**2) * 10.0 ** (snr_db / 10.0)))
     return y + noise
 
 
@@ -501,7 +506,7 @@ def _window_sum(n_frames: int) -> np.ndarray:
 def _attack_griffin_lim(c: _Content, rng: np.random.Generator) -> np.ndarray:
     mag = np.abs(_stft(c.wave))
     angles = np.exp(2j * np.pi * rng.random(mag.shape))
-    for _ in range(int(rng.integers(4, 11))):
+    for _ in range(int(rng.integers(2, 6))):
         angles = _stft(_istft(mag * angles, len(c.wave)))
         angles /= np.abs(angles) + 1e-12
     return _istft(mag * angles, len(c.wave))
@@ -520,9 +525,9 @@ def _mel_filterbank(n_mels: int) -> np.ndarray:
 
 def _attack_mel_smoothing(c: _Content, rng: np.random.Generator) -> np.ndarray:
     spec = _stft(c.wave)
-    fb = _mel_filterbank(int(rng.integers(24, 41)))  # (M, F)
+    fb = _mel_filterbank(int(rng.integers(16, 29)))  # (M, F)
     mel = (np.abs(spec) ** 2) @ fb.T  # (T, M)
-    mel = ndimage.uniform_filter1d(mel, int(rng.integers(3, 6)), axis=0, mode="nearest")
+    mel = ndimage.uniform_filter1d(mel, int(rng.integers(5, 10)), axis=0, mode="nearest")
     band_mean = mel / np.maximum(fb.sum(axis=1), 1e-12)[None]  # mean power per bin of each band
     weights = fb / np.maximum(fb.sum(axis=0, keepdims=True), 1e-12)  # interpolate bands -> bins
     power = np.maximum(band_mean @ weights, 0.0)  # (T, F)
@@ -533,7 +538,7 @@ def _attack_band_limit(c: _Content, rng: np.random.Generator) -> np.ndarray:
     low = signal.resample_poly(c.wave, 1, 2)  # 8 kHz, anti-aliased
     up = np.zeros(2 * len(low))
     up[::2] = low
-    taps = int(rng.choice([7, 9, 11, 15]))
+    taps = int(rng.choice([3, 5, 7]))
     h = 2.0 * signal.firwin(taps, 0.5)  # a short interpolator leaves images above 4 kHz
     return np.convolve(up, h, mode="same")[: len(c.wave)]
 
@@ -603,7 +608,7 @@ def _attack_concatenation(c: _Content, rng: np.random.Generator) -> np.ndarray:
 
 
 def _attack_companding(c: _Content, rng: np.random.Generator) -> np.ndarray:
-    bits, mu = int(rng.integers(5, 8)), 255.0
+    bits, mu = int(rng.integers(4, 7)), 255.0
     peak = max(np.abs(c.wave).max(), 1e-12)
     xn = c.wave / peak
     comp = np.sign(xn) * np.log1p(mu * np.abs(xn)) / np.log1p(mu)
@@ -692,6 +697,9 @@ def _render(job: _Job) -> dict[str, Any]:
     """Synthesize one utterance, write its FLAC, return its metadata (runs in a worker)."""
     rng = np.random.default_rng(np.random.SeedSequence(list(job.seed)))
     content = _synthesize_content(job.speaker, job.n_samples, rng)
+    # The room colours the content before any attack, as a TTS/VC system models a recorded
+    # speaker; the attacks (vocoder-like processing) act on that, as in ASVspoof LA.
+    content = replace(content, wave=_room(content.wave, rng))
     spans: list[tuple[int, int]] = []
     if job.partial:
         spans = _choose_spans(content, rng)
@@ -700,7 +708,7 @@ def _render(job: _Job) -> dict[str, Any]:
         dry = _ATTACK_FNS[job.attack](content, rng)
     else:
         dry = content.wave
-    wave = _normalise_level(_room_and_noise(dry, rng), rng).astype(np.float32)
+    wave = _normalise_level(_add_noise(dry, rng), rng).astype(np.float32)
     if not np.isfinite(wave).all():  # pragma: no cover - a bug, not a user error
         raise RuntimeError(f"synthesis produced non-finite samples for {job.utt_id}")
     sf.write(job.path, wave, SAMPLE_RATE, format="FLAC", subtype="PCM_16")
