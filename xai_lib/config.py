@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -78,6 +79,13 @@ class SSLConfig:
     gradient_checkpointing: bool = False
 
     def __post_init__(self) -> None:
+        for name in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                     "num_conv_pos_embeddings", "num_conv_pos_embedding_groups"):
+            _check_positive(f"model.ssl.{name}", getattr(self, name))
+        for name in ("conv_dim", "conv_kernel", "conv_stride"):
+            values = getattr(self, name)
+            if not values or any(v <= 0 for v in values):
+                raise ConfigError(f"model.ssl.{name} must be a non-empty list of positive integers, got {values!r}")
         if not (len(self.conv_dim) == len(self.conv_kernel) == len(self.conv_stride)):
             raise ConfigError(
                 "model.ssl.conv_dim, conv_kernel and conv_stride must have the same length "
@@ -110,6 +118,8 @@ class ModelConfig:
             raise ConfigError("model.num_encoders must be >= 1")
         if self.kernel_size < 1:
             raise ConfigError("model.kernel_size must be >= 1")
+        _check_positive("model.ff_mult", self.ff_mult)
+        _check_positive("model.max_positions", self.max_positions)
         _check_range("model.dropout", self.dropout, 0.0, 1.0, hi_open=True)
 
 
@@ -154,8 +164,13 @@ class DataConfig:
             raise ConfigError(f"data.rawboost_algo must be 0 (off) or 1..8, got {self.rawboost_algo}")
         if self.on_bad_audio not in ("error", "skip"):
             raise ConfigError(f"data.on_bad_audio must be 'error' or 'skip', got {self.on_bad_audio!r}")
-        if self.max_eval_seconds <= 0:
-            raise ConfigError("data.max_eval_seconds must be positive")
+        _check_positive("data.max_eval_seconds", self.max_eval_seconds)
+        if self.eval_crop_samples is not None and self.eval_crop_samples < 400:
+            raise ConfigError("data.eval_crop_samples must be null (full length) or >= 400 (one SSL frame)")
+        _check_optional_positive("data.max_train_utts", self.max_train_utts)
+        _check_optional_positive("data.max_eval_utts", self.max_eval_utts)
+        if self.num_workers < 0:
+            raise ConfigError(f"data.num_workers must be >= 0, got {self.num_workers}")
 
 
 @dataclass
@@ -191,6 +206,10 @@ class Stage1TrainingConfig:
             raise ConfigError("training.class_weights must be two positive numbers [spoof, bona fide]")
         _check_positive("training.patience", self.patience)
         _check_positive("training.keep_best", self.keep_best)
+        _check_optional_positive("training.grad_clip", self.grad_clip)
+        _check_optional_positive("training.max_steps_per_epoch", self.max_steps_per_epoch)
+        _check_optional_positive("training.num_threads", self.num_threads)
+        _check_device("training.device", self.device)
 
 
 @dataclass
@@ -268,6 +287,9 @@ class Stage2TrainingConfig:
         if self.weight_decay < 0:
             raise ConfigError("training.weight_decay must be >= 0")
         _check_positive("training.patience", self.patience)
+        _check_optional_positive("training.max_steps_per_epoch", self.max_steps_per_epoch)
+        _check_optional_positive("training.num_threads", self.num_threads)
+        _check_device("training.device", self.device)
 
 
 @dataclass
@@ -284,6 +306,19 @@ class Stage2Config:
 def _check_positive(name: str, value: float) -> None:
     if value is None or not value > 0 or (isinstance(value, float) and math.isnan(value)):
         raise ConfigError(f"{name} must be positive, got {value!r}")
+
+
+def _check_optional_positive(name: str, value: float | None) -> None:
+    if value is not None:
+        _check_positive(name, value)
+
+
+_DEVICE = re.compile(r"^(auto|cpu|mps|(cuda|xpu)(:\d+)?)$")
+
+
+def _check_device(name: str, value: str) -> None:
+    if not _DEVICE.match(value):
+        raise ConfigError(f"{name} must be 'auto', 'cpu', 'cuda', 'cuda:N' (or 'mps', 'xpu'), got {value!r}")
 
 
 def _check_range(name: str, value: float, lo: float, hi: float, hi_open: bool = False) -> None:
@@ -332,14 +367,19 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             return value
         raise ConfigError(f"{where}: expected an integer, got {value!r}")
     if tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "1e-4" (no dot) as a string
+            number = float(value)
+        elif isinstance(value, str):  # YAML 1.1 reads "1e-4" (no dot) as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise ConfigError(f"{where}: expected a number, got {value!r}")
+        if number is None:
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        if not math.isfinite(number):  # .nan / .inf / "nan" would slip past every range check
+            raise ConfigError(f"{where}: expected a finite number, got {value!r}")
+        return number
     if tp is str:
         if isinstance(value, str):
             return value

@@ -11,14 +11,21 @@ Examples::
 The same code path serves both: under torchrun each rank joins the process group
 (NCCL on GPUs, gloo on CPU), reads its shard through a ``DistributedSampler``, and only
 rank 0 writes logs and checkpoints. ``training.batch_size`` is the GLOBAL batch: each of
-N ranks takes ``batch_size // N`` utterances per step.
+N ranks takes ``batch_size // N`` utterances per step (and BatchNorm statistics cover the
+global batch), so N processes train like one. On CPU, torchrun gives each process one
+thread (``OMP_NUM_THREADS=1``); set it yourself to give them more.
+
+A failing rank prints ``[rank N] ErrorType: message`` on stderr and exits non-zero;
+torchrun then stops the other ranks and exits non-zero too, naming the failed rank.
 """
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
-from pathlib import Path
+
+from torch.distributed.elastic.multiprocessing.errors import record
 
 __all__ = ["main"]
 
@@ -45,9 +52,16 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+@record  # under torchrun: the failing rank's exception is written where the launcher reports it
 def main(argv: list[str] | None = None) -> int:
+    """Run one command (``stage1``, ``stage2`` or ``score``); returns the exit status."""
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    rank = int(os.environ.get("RANK", "0"))
+    tag = f" [rank {rank}]" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+    logging.basicConfig(  # rank 0 logs progress; other ranks only warnings and errors
+        level=logging.INFO if rank == 0 else logging.WARNING,
+        format=f"%(asctime)s %(levelname)s{tag} %(name)s: %(message)s",
+    )
     from .config import Stage1Config, Stage2Config, load_config
     from .paths import resolve_path
     from .training.common import init_distributed
@@ -87,11 +101,6 @@ def main(argv: list[str] | None = None) -> int:
                 log.info("wrote %d scores to %s", len(order), args.out)
     except Exception as exc:  # one clear line per rank, then a non-zero exit
         print(f"[rank {ctx.rank}] {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
-        if ctx.distributed:
-            import torch.distributed as dist
-
-            if dist.is_initialized():
-                dist.destroy_process_group()
         raise
     finally:
         if ctx.distributed:

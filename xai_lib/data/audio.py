@@ -19,6 +19,9 @@ __all__ = ["AudioError", "load_audio", "crop_or_pad", "pad_batch"]
 
 log = logging.getLogger(__name__)
 
+#: The reason given for a 0-byte file.
+EMPTY_FILE = "audio file is empty (0 bytes; an interrupted copy or download?)"
+
 _FIX = "remove it from the protocol, re-encode it, or set data.on_bad_audio: skip to skip bad files"
 
 
@@ -43,11 +46,13 @@ def load_audio(path: str | Path, sample_rate: int = 16000) -> np.ndarray:
         (N,) float32 samples (nominally in [-1, 1]).
 
     Raises:
-        AudioError: missing, unreadable/corrupt, zero-length or NaN/inf file.
+        AudioError: missing, empty (0 bytes), unreadable/corrupt, zero-length or NaN/inf file.
     """
     path = Path(path)
     if not path.is_file():
         raise AudioError(path, "audio file does not exist")
+    if path.stat().st_size == 0:  # an interrupted copy/download; libsndfile would only say "format not recognised"
+        raise AudioError(path, EMPTY_FILE)
     try:
         data, sr = sf.read(str(path), dtype="float32", always_2d=True)  # (N, C)
     except Exception as exc:  # libsndfile raises LibsndfileError/RuntimeError/TypeError

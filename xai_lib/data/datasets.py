@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ..config import DataConfig
-from .audio import AudioError, crop_or_pad, load_audio, pad_batch
+from .audio import EMPTY_FILE, AudioError, crop_or_pad, load_audio, pad_batch
 from .protocols import ProtocolError, Utterance, check_files_exist, load_segment_labels, read_protocol
 from .rawboost import rawboost
 
@@ -32,12 +32,17 @@ __all__ = [
     "load_partial_split",
     "subsample_utterances",
     "SUBSAMPLE_SEED",
+    "MIN_SSL_SAMPLES",
 ]
 
 log = logging.getLogger(__name__)
 
 #: The fixed seed of ``max_*_utts`` subsampling (the same subset on every run).
 SUBSAMPLE_SEED = 0
+
+#: Samples in the receptive field of one wav2vec 2.0 / XLS-R frame (25 ms at 16 kHz): the
+#: shortest input the SSL front end scores (``Detector.min_input_samples`` of those front ends).
+MIN_SSL_SAMPLES = 400
 
 Skipped = tuple[str, str, str]  # (utt_id, path, reason)
 
@@ -154,6 +159,13 @@ class EvalDataset(_AudioDataset):
         sample_rate: audio is resampled to this rate.
         crop_samples: ``None`` = full length; else exactly this many samples from the start.
         on_bad_audio: as for :class:`TrainDataset`.
+        min_samples: waves shorter than this are repeat-padded to it (as training crops are),
+            with a warning naming the utterance, so that a very short file is scored instead of
+            stopping the whole split. The default, :data:`MIN_SSL_SAMPLES`, is the 400-sample
+            (25 ms) window of one wav2vec 2.0 / XLS-R frame; pass a detector's
+            ``min_input_samples`` for another front end. ``0`` disables it.
+
+    The ids of padded utterances are kept in ``padded`` (``(utt_id, path, original_length)``).
     """
 
     def __init__(
@@ -162,9 +174,13 @@ class EvalDataset(_AudioDataset):
         sample_rate: int = 16000,
         crop_samples: int | None = None,
         on_bad_audio: str = "error",
+        min_samples: int = MIN_SSL_SAMPLES,
     ) -> None:
         super().__init__(utts, sample_rate, on_bad_audio)
         self.crop_samples = crop_samples
+        self.min_samples = int(min_samples)
+        self.padded: list[tuple[str, str, int]] = []
+        self._padded_ids: set[str] = set()
 
     def __getitem__(self, index: int) -> dict[str, Any] | None:
         utt = self.utts[index]
@@ -173,6 +189,13 @@ class EvalDataset(_AudioDataset):
             return None
         if self.crop_samples is not None:
             x = crop_or_pad(x, self.crop_samples, None)
+        if len(x) < self.min_samples:
+            if utt.utt_id not in self._padded_ids:
+                self._padded_ids.add(utt.utt_id)
+                self.padded.append((utt.utt_id, str(utt.path), len(x)))
+                log.warning("%s (%s) has only %d samples, fewer than the %d of one SSL frame; it is repeat-padded "
+                            "to %d samples for scoring", utt.utt_id, utt.path, len(x), self.min_samples, self.min_samples)
+            x = crop_or_pad(x, self.min_samples, None)
         return self._item(utt, x)
 
 
@@ -212,6 +235,8 @@ def scan_audio(
         reason = None
         if not path.is_file():
             reason = "audio file does not exist"
+        elif path.stat().st_size == 0:
+            reason = EMPTY_FILE
         else:
             try:
                 info = sf.info(str(path))

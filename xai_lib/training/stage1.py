@@ -2,8 +2,19 @@
 
 Weighted cross-entropy (spoof 0.1, bona fide 0.9), Adam/AdamW, RawBoost on the fly,
 early stopping on the dev loss, the N best epochs averaged into ``stage1_detector.pth``,
-resumable after an interruption, TensorBoard scalars under ``run_dir/logs/stage1_detector``.
-Runs single-process or, unchanged, under ``torchrun`` (DistributedDataParallel).
+resumable after an interruption (even a SIGKILL), TensorBoard scalars under
+``run_dir/logs/stage1_detector``. Runs single-process or, unchanged, under ``torchrun``
+(DistributedDataParallel)::
+
+    cfg = load_config("configs/demo.yaml", Stage1Config)
+    result = train_stage1(cfg, "outputs/r1")          # Stage1Result
+    detector = load_detector(result.checkpoint)
+    metrics = stage1_report(detector, cfg, "outputs/r1", result.history)
+
+``training.batch_size`` is the GLOBAL batch: under torchrun each of N ranks takes
+``batch_size // N`` utterances per step, the loss is normalised by the global batch and
+BatchNorm statistics are computed over the global batch, so N ranks take the same steps as
+one process (up to floating-point summation order).
 """
 from __future__ import annotations
 
@@ -15,61 +26,101 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+import soundfile as sf
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm.auto import tqdm
 
-from ..config import Stage1Config, save_config
-from ..data.datasets import EvalDataset, TrainDataset, build_split, collate_padded
+from ..config import Stage1Config, config_to_dict, save_config
+from ..data.datasets import EvalDataset, TrainDataset, build_split, collate_padded, scan_audio
 from ..data.protocols import Utterance
 from ..metrics import compute_eer
-from ..models.checkpoint import atomic_torch_save, average_state_dicts, save_detector
+from ..models.checkpoint import average_state_dicts, save_detector
 from ..models.detector import Detector
 from .common import (
     BestCheckpoints,
     DistContext,
     EarlyStopping,
+    ResumeError,
     check_finite,
     init_distributed,
     load_training_state,
+    rng_state,
+    save_training_state,
     seed_everything,
+    set_rng_state,
     summary_writer,
+    wrap_ddp,
 )
 
-__all__ = ["Stage1Result", "train_stage1", "score_utterances", "evaluate_detector"]
+__all__ = [
+    "STATE_NAME",
+    "SMOKE_OVERRIDES",
+    "Stage1Result",
+    "train_stage1",
+    "evaluate_detector",
+    "score_utterances",
+    "stage1_report",
+    "read_asv_scores",
+]
 
 log = logging.getLogger(__name__)
 
+#: The resumable state, ``run_dir/checkpoints/stage1/last.pth`` (written after every epoch).
 STATE_NAME = "last.pth"
 
 
 @dataclass
 class Stage1Result:
-    """What a Stage-1 training run produced."""
+    """What a Stage-1 training run produced.
 
-    checkpoint: Path  # run_dir/stage1_detector.pth (averaged N best)
-    history: dict[str, list[float]] = field(default_factory=dict)  # per epoch: train_loss, dev_loss, dev_eer
+    Attributes:
+        checkpoint: ``run_dir/stage1_detector.pth`` (the average of the N best epochs).
+        history: per epoch: ``train_loss``, ``dev_loss``, ``dev_eer`` (fraction),
+            ``epoch_seconds`` and ``train_utts_per_s`` (training steps only, all ranks).
+        best_epochs: the 1-based epochs averaged into the checkpoint.
+        epochs_completed: epochs finished, over all (resumed) sessions.
+        stopped_early: early stopping ended the run.
+        train_seconds: wall time of the epochs (training + dev evaluation), over all sessions.
+    """
+
+    checkpoint: Path
+    history: dict[str, list[float]] = field(default_factory=dict)
     best_epochs: list[int] = field(default_factory=list)
     epochs_completed: int = 0
     stopped_early: bool = False
     train_seconds: float = 0.0
 
 
-def _weighted_ce(logits: torch.Tensor, y: torch.Tensor, weights: torch.Tensor, ctx: DistContext) -> torch.Tensor:
+# ----------------------------------------------------------------------------- loss, helpers
+
+
+def _weighted_ce(logits: Tensor, y: Tensor, weights: Tensor, ctx: DistContext) -> tuple[Tensor, Tensor]:
     """Class-weighted cross-entropy normalised by the GLOBAL batch weight.
 
     ``F.cross_entropy(weight=...)`` divides by the weight sum of the local batch; under DDP
     (which averages gradients over ranks) that would differ from one process seeing the
-    whole batch. Dividing by the all-reduced weight sum (times the world size, undone by
+    whole batch. Dividing by the all-reduced weight sum (over the world size, undone by
     DDP's averaging) makes N ranks compute exactly the single-process gradient.
+
+    Args:
+        logits: (B, 2) float; y: (B,) long in {0, 1}; weights: (2,) [spoof, bona fide].
+
+    Returns:
+        loss: this rank's term to back-propagate (scalar).
+        global_loss: the loss of the whole global batch (detached scalar, identical on every
+            rank; NaN/inf when any rank's loss is), for logging and the NaN guard.
     """
     per_utt = F.cross_entropy(logits, y, weight=weights, reduction="none")  # (B,) = w_y * nll
-    wsum = weights[y].sum().detach()
+    local = torch.stack([weights[y].sum(), per_utt.sum()]).detach().double()  # (2,)
     if ctx.distributed:
-        wsum = ctx.all_reduce_sum(wsum.clone()) / ctx.world_size
-    return per_utt.sum() / wsum
+        local = ctx.all_reduce_sum(local.to(ctx.comm_device)).to(logits.device)  # one collective per step
+    wsum, total = local[0], local[1]
+    loss = per_utt.sum() / (wsum.to(per_utt.dtype) / ctx.world_size).clamp_min(1e-12)
+    return loss, (total / wsum.clamp_min(1e-12)).float()
 
 
 def _autocast(device: torch.device, bf16: bool):
@@ -82,78 +133,114 @@ def _unwrap(model: torch.nn.Module) -> Detector:
     return model.module if isinstance(model, DDP) else model  # type: ignore[return-value]
 
 
+def _by_length(utts: Sequence[Utterance]) -> list[Utterance]:
+    """Utterances ordered longest first (from file headers): batches need little padding and
+    sharding the sorted list gives every rank a similar amount of audio."""
+    def frames(u: Utterance) -> float:
+        try:
+            info = sf.info(str(u.path))
+            return info.frames / max(info.samplerate, 1)
+        except Exception:  # unreadable files are reported when loaded
+            return 0.0
+
+    return sorted(utts, key=lambda u: (-frames(u), u.utt_id))
+
+
+def _eer_from(scores: dict[str, float], labels: dict[str, int]) -> float:
+    bona = np.array([s for u, s in scores.items() if labels.get(u) == 1])
+    spoof = np.array([s for u, s in scores.items() if labels.get(u) == 0])
+    if len(bona) == 0 or len(spoof) == 0 or not (np.isfinite(bona).all() and np.isfinite(spoof).all()):
+        return float("nan")
+    return float(compute_eer(bona, spoof)[0])
+
+
+def _eval_loader(utts: Sequence[Utterance], cfg: Stage1Config, ctx: DistContext, crop: int | None) -> DataLoader:
+    """This rank's shard (no padding or duplicates, unlike ``DistributedSampler``) of ``utts``."""
+    ds = EvalDataset(
+        ctx.shard(_by_length(utts)),
+        sample_rate=cfg.data.sample_rate,
+        crop_samples=crop,
+        on_bad_audio=cfg.data.on_bad_audio,
+    )
+    return DataLoader(
+        ds,
+        batch_size=cfg.training.eval_batch_size,
+        shuffle=False,
+        collate_fn=collate_padded,
+        num_workers=cfg.data.num_workers,
+    )
+
+
 @torch.no_grad()
 def evaluate_detector(
     model: torch.nn.Module,
     loader: DataLoader,
     device: torch.device,
-    class_weights: torch.Tensor,
+    class_weights: Tensor,
     ctx: DistContext | None = None,
     bf16: bool = False,
     desc: str = "dev",
 ) -> tuple[float, dict[str, float], dict[str, int]]:
     """Weighted-CE loss and scores over ``loader`` (merged across ranks).
 
+    Under torchrun each rank passes a loader over ITS shard of the utterances; the results
+    are gathered, so every rank returns the same values.
+
     Returns:
-        (mean loss, {utt: score}, {utt: label}); score = bona fide logit.
+        (loss, {utt: score}, {utt: label}); loss = sum(w_y * nll) / sum(w_y) over the
+        labelled utterances (the training loss's normalisation); score = bona fide logit.
     """
     ctx = ctx or DistContext(device=device)
-    model.eval()
-    loss_sum, count = 0.0, 0
+    net = _unwrap(model)
+    net.eval()
+    loss_sum, weight_sum = 0.0, 0.0
     scores: dict[str, float] = {}
     labels: dict[str, int] = {}
     for batch in tqdm(loader, desc=desc, leave=False, disable=not ctx.is_main):
-        wave = batch["wave"].to(device)
-        lengths = batch["lengths"].to(device)
-        y = batch["labels"].to(device)
+        if not batch["utt_ids"]:
+            continue  # every item skipped (bad audio)
+        wave = batch["wave"].to(device)  # (B, L) right-padded
+        lengths = batch["lengths"].to(device)  # (B,)
+        y = batch["labels"].to(device)  # (B,) -1 = unknown
         with _autocast(device, bf16):
-            out = _unwrap(model)(wave, lengths)
-        logits = out.logits.float()
+            out = net(wave, lengths)
+        logits = out.logits.float()  # (B, 2)
         known = y >= 0
         if known.any():
             loss_sum += F.cross_entropy(logits[known], y[known], weight=class_weights, reduction="sum").item()
-            count += int(known.sum())
+            weight_sum += float(class_weights[y[known]].sum())
         for u, s, lab in zip(batch["utt_ids"], logits[:, 1].tolist(), y.tolist()):
             scores[u] = s
             labels[u] = lab
+    gathered = ctx.gather_objects((loss_sum, weight_sum, scores, labels))
     if ctx.distributed:
-        import torch.distributed as dist
-
-        gathered: list[Any] = [None] * ctx.world_size
-        dist.all_gather_object(gathered, (loss_sum, count, scores, labels))
         loss_sum = sum(g[0] for g in gathered)
-        count = sum(g[1] for g in gathered)
+        weight_sum = sum(g[1] for g in gathered)
         scores, labels = {}, {}
         for g in gathered:
             scores.update(g[2])
             labels.update(g[3])
-    return (loss_sum / max(count, 1)), scores, labels
+    loss = loss_sum / weight_sum if weight_sum > 0 else float("nan")
+    return loss, scores, labels
 
 
-def _eer_from(scores: dict[str, float], labels: dict[str, int]) -> float:
-    bona = np.array([s for u, s in scores.items() if labels.get(u) == 1])
-    spoof = np.array([s for u, s in scores.items() if labels.get(u) == 0])
-    if len(bona) == 0 or len(spoof) == 0:
-        return float("nan")
-    return float(compute_eer(bona, spoof)[0])
+# ----------------------------------------------------------------------------- training
 
 
-def _eval_loader(utts: Sequence[Utterance], cfg: Stage1Config, ctx: DistContext, crop: int | None) -> DataLoader:
-    ds = EvalDataset(
-        list(utts),
-        sample_rate=cfg.data.sample_rate,
-        crop_samples=crop,
-        on_bad_audio=cfg.data.on_bad_audio,
-    )
-    sampler = DistributedSampler(ds, shuffle=False, drop_last=False) if ctx.distributed else None
-    return DataLoader(
-        ds,
-        batch_size=cfg.training.eval_batch_size,
-        shuffle=False,
-        sampler=sampler,
-        collate_fn=collate_padded,
-        num_workers=cfg.data.num_workers,
-    )
+def _prepare_utterances(cfg: Stage1Config, split: str) -> list[Utterance]:
+    utts = build_split(cfg.data, split)
+    if cfg.data.on_bad_audio == "skip":  # drop missing/empty files up front (cheap header check)
+        utts, _ = scan_audio(utts, cfg.data.sample_rate, "skip")
+    return utts
+
+
+def _check_resumable(state: dict[str, Any], cfg: Stage1Config, state_path: Path) -> None:
+    saved = state.get("model_config")
+    if saved is not None and saved != config_to_dict(cfg.model):
+        raise ResumeError(
+            f"{state_path} was written by a run with a different model architecture (model: section). "
+            "Pass --no-resume (resume=False) to start over in this run directory, or use a new run directory."
+        )
 
 
 def train_stage1(
@@ -166,25 +253,31 @@ def train_stage1(
 
     Args:
         cfg: the resolved Stage-1 config.
-        run_dir: the run directory; products: ``stage1_detector.pth``, ``config_stage1.yaml``,
-            ``logs/stage1_detector/`` (TensorBoard), ``checkpoints/stage1/`` (N best + resumable state).
-        resume: continue from ``checkpoints/stage1/last.pth`` when it exists.
-        progress: show tqdm progress bars.
+        run_dir: the run directory; products: ``stage1_detector.pth`` (average of the
+            ``training.keep_best`` best epochs by dev loss), ``config_stage1.yaml``,
+            ``logs/stage1_detector/`` (TensorBoard), ``checkpoints/stage1/`` (``epoch_NNN.pth``
+            of the best epochs, ``best.json``, the resumable ``last.pth``).
+        resume: continue from ``checkpoints/stage1/last.pth`` when it exists (finished epochs
+            are not redone; an interrupted epoch restarts). ``False`` starts over and deletes
+            the previous run's checkpoints in ``run_dir``.
+        progress: show tqdm progress bars (rank 0 only).
+
+    Raises:
+        NonFiniteLossError: the loss became NaN/inf (names the step and the last good state).
+        ResumeError: ``last.pth`` belongs to another model architecture.
     """
     run_dir = Path(run_dir)
-    ctx = init_distributed(cfg.training.device)
     tc = cfg.training
+    ctx = init_distributed(tc.device)
     if tc.num_threads:
         torch.set_num_threads(tc.num_threads)
     seed_everything(tc.seed)
     device = ctx.device
     ckpt_dir = run_dir / "checkpoints" / "stage1"
-    if ctx.is_main:
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config_stage1.yaml")
+    state_path = ckpt_dir / STATE_NAME
 
-    train_utts = build_split(cfg.data, "train")
-    dev_utts = build_split(cfg.data, "dev")
+    train_utts = _prepare_utterances(cfg, "train")
+    dev_utts = _prepare_utterances(cfg, "dev")
     train_ds = TrainDataset(
         train_utts,
         crop_samples=cfg.data.crop_samples,
@@ -193,9 +286,12 @@ def train_stage1(
         seed=tc.seed,
         on_bad_audio=cfg.data.on_bad_audio,
     )
+    if tc.batch_size % ctx.world_size:
+        log.warning("training.batch_size=%d is not a multiple of the %d processes; the global batch is %d",
+                    tc.batch_size, ctx.world_size, max(1, tc.batch_size // ctx.world_size) * ctx.world_size)
     per_rank_batch = max(1, tc.batch_size // ctx.world_size)
-    # One sampler for both cases: single-process is the 1-replica case, so that a run on N
-    # ranks sees, step by step, the same utterances as one process with the same global batch.
+    # One sampler for both cases: single-process is the 1-replica case, so a run on N ranks
+    # sees, step by step, the same utterances as one process with the same global batch.
     sampler = DistributedSampler(
         train_ds, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=tc.seed, drop_last=False
     )
@@ -206,90 +302,112 @@ def train_stage1(
         collate_fn=collate_padded,
         num_workers=cfg.data.num_workers,
         drop_last=False,
+        pin_memory=device.type == "cuda",
     )
     dev_loader = _eval_loader(dev_utts, cfg, ctx, cfg.data.eval_crop_samples)
 
     model = Detector(cfg.model).to(device)
-    if cfg.model.ssl.freeze:
-        for p in model.ssl_model.parameters():
-            p.requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad]
     opt_cls = torch.optim.AdamW if tc.optimizer == "adamw" else torch.optim.Adam
     optimizer = opt_cls(params, lr=tc.lr, weight_decay=tc.weight_decay)
     class_weights = torch.tensor(tc.class_weights, dtype=torch.float32, device=device)
 
     early = EarlyStopping(tc.patience)
-    best = BestCheckpoints(ckpt_dir, tc.keep_best)
-    history: dict[str, list[float]] = {"train_loss": [], "dev_loss": [], "dev_eer": []}
+    history: dict[str, list[float]] = {
+        "train_loss": [], "dev_loss": [], "dev_eer": [], "epoch_seconds": [], "train_utts_per_s": []
+    }
     start_epoch, global_step, elapsed = 0, 0, 0.0
-    state_path = ckpt_dir / STATE_NAME
     state = load_training_state(state_path) if resume else None
     if state is not None:
+        _check_resumable(state, cfg, state_path)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         early.load_state_dict(state["early"])
-        history = {k: list(v) for k, v in state["history"].items()}
+        history.update({k: list(v) for k, v in state["history"].items()})
         start_epoch, global_step, elapsed = int(state["epoch"]), int(state["global_step"]), float(state["elapsed"])
-        torch.set_rng_state(state["rng"])
+        set_rng_state(state["rng"])
         log.info("resumed Stage 1 from %s after %d completed epochs", state_path, start_epoch)
+    ctx.barrier()  # every rank has read the state before rank 0 touches the directory
+    if ctx.is_main:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        best = BestCheckpoints(ckpt_dir, tc.keep_best)
+        if state is None:
+            if best.entries or state_path.is_file() or (run_dir / "stage1_detector.pth").is_file():
+                log.warning("starting Stage 1 from scratch in %s: the previous run's checkpoints are replaced", run_dir)
+            best.clear()
+            state_path.unlink(missing_ok=True)
+        else:
+            best.drop_after(start_epoch)  # saved by an epoch that was interrupted before its state
+        save_config(cfg, run_dir / "config_stage1.yaml")
+    ctx.barrier()
+    best = BestCheckpoints(ckpt_dir, tc.keep_best)
 
-    train_model: torch.nn.Module = model
-    if ctx.distributed:
-        if device.type == "cuda":  # batch statistics over the global batch (SyncBatchNorm needs CUDA)
-            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        train_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-    writer = summary_writer(run_dir / "logs" / "stage1_detector", enabled=ctx.is_main)
+    train_model = wrap_ddp(model, ctx)
+    writer = summary_writer(run_dir / "logs" / "stage1_detector", enabled=ctx.is_main,
+                            purge_step=global_step if state is not None else None)
     stopped_early = state is not None and bool(state.get("stopped", False))
-    epoch = start_epoch
+    if stopped_early:
+        log.info("the resumed run had already stopped early after epoch %d", start_epoch)
     try:
         for epoch in range(start_epoch, tc.num_epochs):
             if stopped_early:
                 break
-            t0 = time.perf_counter()
+            t_epoch = time.perf_counter()
             train_model.train()
             train_ds.set_epoch(epoch)
-            if isinstance(sampler, DistributedSampler):
-                sampler.set_epoch(epoch)
-            loss_sum, n_seen = 0.0, 0
-            bar = tqdm(train_loader, desc=f"stage1 epoch {epoch + 1}/{tc.num_epochs}", disable=not (progress and ctx.is_main))
+            sampler.set_epoch(epoch)
+            step_losses: list[float] = []
+            n_utts = 0
+            bar = tqdm(train_loader, desc=f"stage1 epoch {epoch + 1}/{tc.num_epochs}",
+                       disable=not (progress and ctx.is_main), leave=False)
             for step, batch in enumerate(bar):
                 if tc.max_steps_per_epoch is not None and step >= tc.max_steps_per_epoch:
                     break
-                wave = batch["wave"].to(device)  # (B, L) fixed-length crops
-                y = batch["labels"].to(device)
+                wave = batch["wave"].to(device, non_blocking=True)  # (B, L) fixed-length crops
+                y = batch["labels"].to(device, non_blocking=True)  # (B,)
                 with _autocast(device, tc.bf16):
                     out = train_model(wave)
-                loss = _weighted_ce(out.logits.float(), y, class_weights, ctx)
-                check_finite(loss, global_step, "Stage 1")
+                loss, global_loss = _weighted_ce(out.logits.float(), y, class_weights, ctx)
+                check_finite(global_loss, global_step, "Stage 1", state_path)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 if tc.grad_clip:
-                    torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
+                    grad_norm = torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
+                    check_finite(grad_norm, global_step, "Stage 1 (gradient norm)", state_path)
                 optimizer.step()
                 global_step += 1
-                loss_sum += loss.item() * len(y)
-                n_seen += len(y)
-                writer.add_scalar("train/loss_step", loss.item(), global_step)
-                bar.set_postfix(loss=f"{loss.item():.4f}")
-            train_loss = ctx.all_reduce_mean(loss_sum / max(n_seen, 1))
+                value = float(global_loss)
+                step_losses.append(value)
+                n_utts += len(y)
+                writer.add_scalar("train/loss_step", value, global_step)
+                bar.set_postfix(loss=f"{value:.4f}")
+            train_seconds = time.perf_counter() - t_epoch
+            n_utts_all = round(ctx.all_reduce_mean(n_utts) * ctx.world_size)
+            train_loss = float(np.mean(step_losses)) if step_losses else float("nan")
             dev_loss, dev_scores, dev_labels = evaluate_detector(
                 train_model, dev_loader, device, class_weights, ctx, tc.bf16, desc="dev"
             )
             dev_eer = _eer_from(dev_scores, dev_labels)
-            elapsed += time.perf_counter() - t0
-            history["train_loss"].append(train_loss)
-            history["dev_loss"].append(dev_loss)
-            history["dev_eer"].append(dev_eer)
+            epoch_seconds = time.perf_counter() - t_epoch
+            elapsed += epoch_seconds
+            throughput = n_utts_all / max(train_seconds, 1e-9)
+            for key, value in (("train_loss", train_loss), ("dev_loss", dev_loss), ("dev_eer", dev_eer),
+                               ("epoch_seconds", epoch_seconds), ("train_utts_per_s", throughput)):
+                history[key].append(float(value))
             writer.add_scalar("train/loss", train_loss, epoch + 1)
             writer.add_scalar("dev/loss", dev_loss, epoch + 1)
             writer.add_scalar("dev/eer", dev_eer, epoch + 1)
+            writer.add_scalar("speed/train_utts_per_s", throughput, epoch + 1)
             writer.flush()
-            log.info("epoch %d: train %.4f dev %.4f dev EER %.2f%%", epoch + 1, train_loss, dev_loss, 100 * dev_eer)
+            log.info("epoch %d/%d: train loss %.4f, dev loss %.4f, dev EER %.2f%%, %.1f s (%.0f utt/s training)",
+                     epoch + 1, tc.num_epochs, train_loss, dev_loss, 100 * dev_eer, epoch_seconds, throughput)
             early.step(dev_loss)
             stopped_early = early.should_stop
             if ctx.is_main:
+                # best first, then the state: a kill in between is repaired by drop_after on resume
                 best.consider(dev_loss, epoch + 1, model.state_dict())
-                atomic_torch_save(
+                save_training_state(
+                    state_path,
                     {
                         "model": model.state_dict(),
                         "optimizer": optimizer.state_dict(),
@@ -298,10 +416,11 @@ def train_stage1(
                         "epoch": epoch + 1,
                         "global_step": global_step,
                         "elapsed": elapsed,
-                        "rng": torch.get_rng_state(),
+                        "rng": rng_state(),
                         "stopped": stopped_early,
+                        "model_config": config_to_dict(cfg.model),
+                        "world_size": ctx.world_size,
                     },
-                    state_path,
                 )
             ctx.barrier()
             if stopped_early:
@@ -311,28 +430,40 @@ def train_stage1(
         writer.close()
 
     final = run_dir / "stage1_detector.pth"
+    best = BestCheckpoints(ckpt_dir, tc.keep_best)  # every rank: the list rank 0 wrote
+    best_epochs = [e["epoch"] for e in best.entries]
+    epochs_completed = len(history["train_loss"])
     if ctx.is_main:
-        best = BestCheckpoints(ckpt_dir, tc.keep_best)
-        averaged = average_state_dicts(best.state_dicts()) if best.entries else model.state_dict()
-        model.load_state_dict(averaged)
+        if best.entries:
+            model.load_state_dict(average_state_dicts(best.state_dicts()))
+        else:
+            log.warning("no epoch had a finite dev loss; %s holds the last weights, not an average", final)
         save_detector(
             model,
             final,
             extra={
-                "averaged_epochs": [e["epoch"] for e in best.entries],
+                "averaged_epochs": best_epochs,
+                "averaged_dev_losses": [float(e["loss"]) for e in best.entries],
                 "train_seconds": elapsed,
-                "epochs_completed": len(history["train_loss"]),
+                "epochs_completed": epochs_completed,
+                "stopped_early": bool(stopped_early),
+                "world_size": ctx.world_size,
+                "global_batch": per_rank_batch * ctx.world_size,
             },
         )
+        log.info("Stage 1: %d epochs, averaged epochs %s -> %s", epochs_completed, best_epochs, final)
     ctx.barrier()
     return Stage1Result(
         checkpoint=final,
         history=history,
-        best_epochs=[e["epoch"] for e in best.entries],
-        epochs_completed=len(history["train_loss"]),
-        stopped_early=stopped_early,
+        best_epochs=best_epochs,
+        epochs_completed=epochs_completed,
+        stopped_early=bool(stopped_early),
         train_seconds=elapsed,
     )
+
+
+# ----------------------------------------------------------------------------- scoring
 
 
 @torch.no_grad()
@@ -346,20 +477,38 @@ def score_utterances(
 ) -> dict[str, float]:
     """Score utterances (bona fide logit, ASVspoof convention), sharded across ranks under torchrun.
 
-    Files longer than ``data.max_eval_seconds`` are scored in chunks of that length and the
-    chunk scores averaged, so a 10-minute file never needs a 10-minute forward pass.
-    Every rank returns the merged dictionary.
+    Utterances are ordered by duration (little padding; the padding masks make a padded
+    batch score like single utterances) and dealt round-robin to the ranks. Files longer than
+    ``data.max_eval_seconds`` are scored in chunks of that length and the chunk scores
+    averaged, weighted by chunk length, so a 10-minute file never needs a 10-minute forward
+    pass. Every rank returns the merged dictionary.
+
+    Args:
+        model: the detector (its device is used).
+        utts: the utterances to score.
+        cfg: ``data`` (rates, crops, chunk length) and ``training.eval_batch_size``/``bf16``.
+        ctx: the distributed context (``None``: single process).
+        progress: show a progress bar (rank 0).
+        desc: the progress bar's label.
+
+    Returns:
+        ``{utt_id: score}`` for every readable utterance.
     """
-    ctx = ctx or DistContext(device=next(model.parameters()).device)
     device = next(model.parameters()).device
+    ctx = ctx or DistContext(device=device)
     model.eval()
     chunk = int(cfg.data.max_eval_seconds * cfg.data.sample_rate)
-    shard = list(utts)[ctx.rank :: ctx.world_size]
-    ds = EvalDataset(shard, sample_rate=cfg.data.sample_rate, crop_samples=cfg.data.eval_crop_samples, on_bad_audio=cfg.data.on_bad_audio)
-    loader = DataLoader(ds, batch_size=cfg.training.eval_batch_size, shuffle=False, collate_fn=collate_padded, num_workers=cfg.data.num_workers)
+    min_len = model.min_input_samples
+    shard = ctx.shard(_by_length(utts))
+    ds = EvalDataset(shard, sample_rate=cfg.data.sample_rate, crop_samples=cfg.data.eval_crop_samples,
+                     on_bad_audio=cfg.data.on_bad_audio)
+    loader = DataLoader(ds, batch_size=cfg.training.eval_batch_size, shuffle=False, collate_fn=collate_padded,
+                        num_workers=cfg.data.num_workers)
     scores: dict[str, float] = {}
     for batch in tqdm(loader, desc=desc, leave=False, disable=not (progress and ctx.is_main)):
-        wave, lengths = batch["wave"], batch["lengths"]
+        if not batch["utt_ids"]:
+            continue
+        wave, lengths = batch["wave"], batch["lengths"]  # (B, L), (B,)
         if wave.shape[1] <= chunk:
             with _autocast(device, cfg.training.bf16):
                 out = model(wave.to(device), lengths.to(device))
@@ -369,25 +518,24 @@ def score_utterances(
         for i, u in enumerate(batch["utt_ids"]):  # long files: chunk one by one
             x = wave[i, : int(lengths[i])]
             pieces = [x[s : s + chunk] for s in range(0, len(x), chunk)]
-            pieces = [p for p in pieces if len(p) >= 400] or [x]
-            chunk_scores = []
+            pieces = [p for p in pieces if len(p) >= min_len] or [x]
+            values, weights = [], []
             for p in pieces:
                 with _autocast(device, cfg.training.bf16):
-                    chunk_scores.append(float(model(p[None].to(device)).logits[0, 1].float()))
-            scores[u] = float(np.mean(chunk_scores))
+                    values.append(float(model(p[None].to(device)).logits[0, 1].float()))
+                weights.append(len(p))
+            scores[u] = float(np.average(values, weights=weights))
     if ctx.distributed:
-        import torch.distributed as dist
-
-        gathered: list[Any] = [None] * ctx.world_size
-        dist.all_gather_object(gathered, scores)
-        scores = {}
-        for g in gathered:
-            scores.update(g)
+        merged: dict[str, float] = {}
+        for g in ctx.gather_objects(scores):
+            merged.update(g)
+        scores = merged
     return scores
 
 
 # ----------------------------------------------------------------------------- evaluation report
 
+#: Config overrides of a seconds-long smoke run (notebook ``smoke=True``, tests).
 SMOKE_OVERRIDES = [
     "training.num_epochs=1",
     "training.max_steps_per_epoch=2",
@@ -429,8 +577,14 @@ def stage1_report(
 ) -> dict[str, Any]:
     """Score dev/eval, write ASVspoof score files, EERs (pooled and per attack) and figures.
 
-    Products: ``run_dir/scores/{split}_scores.txt``, ``run_dir/figures/stage1_*.png``.
-    Returns the ``metrics.json["stage1"]`` values (EERs as fractions in [0, 1]).
+    Products: ``run_dir/scores/{split}_scores.txt``, ``run_dir/figures/stage1_{split}_scores_det.png``,
+    ``run_dir/figures/stage1_loss_curves.png``. Utterances without a key (label) are scored
+    but left out of the metrics.
+
+    Returns:
+        The ``metrics.json["stage1"]`` values: ``{split}_eer``, ``{split}_threshold``,
+        ``{split}_eer_per_attack`` (attack -> EER, plus ``pooled``), ``{split}_num_utts``,
+        ``eval_min_tdcf`` when ``asv_score_file`` is given. EERs are fractions in [0, 1].
     """
     from .. import plots
     from ..metrics import compute_min_tdcf, eer_per_attack, write_score_file
@@ -444,19 +598,21 @@ def stage1_report(
             continue
         utts = build_split(cfg.data, split)
         scores = score_utterances(detector, utts, cfg, progress=progress, desc=f"scoring {split}")
-        write_score_file(run_dir / "scores" / f"{split}_scores.txt", list(scores), list(scores.values()))
-        labels = {u.utt_id: u.label for u in utts}
+        order = [u.utt_id for u in utts if u.utt_id in scores]  # protocol order
+        write_score_file(run_dir / "scores" / f"{split}_scores.txt", order, [scores[u] for u in order])
+        labels = {u.utt_id: u.label for u in utts if u.label is not None and u.utt_id in scores}
         attacks = {u.utt_id: u.attack for u in utts}
-        bona = np.array([s for u, s in scores.items() if labels[u] == 1])
-        spoof = np.array([s for u, s in scores.items() if labels[u] == 0])
+        metrics[f"{split}_num_utts"] = len(scores)
+        bona = np.array([scores[u] for u, lab in labels.items() if lab == 1])
+        spoof = np.array([scores[u] for u, lab in labels.items() if lab == 0])
         if len(bona) == 0 or len(spoof) == 0:
+            log.info("%s: no keys for both classes; scores written, no EER", split)
             continue
         eer, thr = compute_eer(bona, spoof)
         metrics[f"{split}_eer"] = float(eer)
         metrics[f"{split}_threshold"] = float(thr)
-        per_attack = eer_per_attack(scores, labels, attacks)
+        per_attack = eer_per_attack({u: scores[u] for u in labels}, labels, attacks)
         metrics[f"{split}_eer_per_attack"] = {k: float(v) for k, v in per_attack.items()}
-        metrics[f"{split}_num_utts"] = len(scores)
         fig, axes = plt_subplots(1, 2, figsize=(10, 3.6))
         plots.plot_score_histogram(bona, spoof, ax=axes[0], threshold=thr)
         axes[0].set_title(f"{split} scores (EER {100 * eer:.2f}%)")
@@ -468,9 +624,11 @@ def stage1_report(
                 compute_min_tdcf(bona, spoof, asv["target"], asv["nontarget"], asv["spoof"])
             )
     if history:
-        fig, ax = plt_subplots(1, 1, figsize=(6, 3.6))
-        plots.plot_loss_curves({k: v for k, v in history.items() if k.endswith("loss")}, ax=ax)
-        plots.save_figure(fig, fig_dir / "stage1_loss_curves.png")
+        curves = {k: v for k, v in history.items() if k.endswith("loss")}
+        if any(len(v) for v in curves.values()):
+            fig, ax = plt_subplots(1, 1, figsize=(6, 3.6))
+            plots.plot_loss_curves(curves, ax=ax)
+            plots.save_figure(fig, fig_dir / "stage1_loss_curves.png")
     return metrics
 
 
