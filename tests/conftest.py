@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+torch.set_num_threads(1)  # tiny models: one thread is faster and deterministic
 
 
 @pytest.fixture(scope="session")

@@ -465,11 +465,6 @@ def test_stage2_resume_state_of_another_detector_dimension_is_refused(tmp_path, 
     assert not (run_dir / "stage2_xai.pth").exists()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "xai_lib/training/stage2.py::train_stage2 writes config_stage2.yaml before it checks the resumable state, "
-    "so a refused resume (ResumeError) has already replaced the run's config with the refused one. Fix: move "
-    "'save_config(cfg, run_dir / \"config_stage2.yaml\")' after the 'if state is not None: _check_resumable(...)' "
-    "block (as train_stage1 does)."))
 def test_a_refused_stage2_resume_leaves_the_run_config_untouched(tmp_path, tiny_corpus):
     from xai_lib.training.stage2 import train_stage2
 

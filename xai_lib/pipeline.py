@@ -1066,6 +1066,8 @@ def _make_plan(args: argparse.Namespace) -> _Plan:
             base[n]["smoke"] = True
         if n in (1, 2):
             base[n]["overrides"] = []
+            # --overwrite trains afresh; otherwise an interrupted stage resumes from its state
+            base[n]["resume"] = not args.overwrite
 
     # ---- the notebooks' recipe parameters come from the stage configs (a -p still wins)
     for n, values in _config_params(configs, args.override).items():

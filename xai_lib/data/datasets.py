@@ -2,8 +2,9 @@
 
 ``TrainDataset`` yields fixed-length, optionally RawBoost-augmented crops whose randomness
 depends only on ``(seed, epoch, index)`` (reproducible regardless of DataLoader workers);
-``EvalDataset`` yields full-length waves (or the first ``crop_samples``). Bad audio either
-raises :class:`~xai_lib.data.audio.AudioError` or, with ``on_bad_audio="skip"``, is skipped,
+``EvalDataset`` yields full-length waves (or the first ``crop_samples``; files shorter than one
+SSL frame are repeat-padded to it). Bad audio either raises
+:class:`~xai_lib.data.audio.AudioError` or, with ``on_bad_audio="skip"``, is skipped,
 recorded and reported. ``build_split`` turns a :class:`~xai_lib.config.DataConfig` into the
 utterance list of a split.
 """

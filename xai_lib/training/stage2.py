@@ -453,7 +453,6 @@ def train_stage2(
     ckpt_dir = run_dir / "checkpoints" / "stage2"
     if ctx.is_main:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config_stage2.yaml")
 
     train_utts = build_split(cfg.data, "train")
     dev_utts = build_split(cfg.data, "dev")
@@ -486,6 +485,9 @@ def train_stage2(
     ctx.barrier()
     if state is not None:
         _check_resumable(state, cfg, sha, in_dim, state_path)
+    if ctx.is_main:  # only after a refused resume could no longer happen: the run's config stays intact
+        save_config(cfg, run_dir / "config_stage2.yaml")
+    if state is not None:
         xai.load_state_dict(state["xai"])
         optimizer.load_state_dict(state["optimizer"])
         early.load_state_dict(state["early"])
