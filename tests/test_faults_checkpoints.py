@@ -154,10 +154,6 @@ def test_training_state_loaders_never_run_code(tmp_path, make):
     assert not marker.exists()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "xai_lib/training/common.py calls torch.load(weights_only=True) directly in load_training_state and "
-    "BestCheckpoints.state_dicts: the refusal is torch's UnpicklingError, which does not name the file and "
-    "suggests re-loading with weights_only=False. Fix: use models.checkpoint.safe_torch_load there."))
 @_RESUME_LOADERS
 def test_training_state_loaders_refuse_code_with_a_clear_error(tmp_path, make):
     path, marker = tmp_path / "last.pth", tmp_path / "payload_ran"
@@ -193,7 +189,7 @@ def test_poisoned_resume_states_stop_both_trainings_before_any_work(tmp_path, ti
         state = run_dir / "checkpoints" / f"stage{stage}" / "last.pth"
         save_training_state(state, {"epoch": 1})
         _poison(state, marker, lambda o: o)
-        with pytest.raises(Exception):  # noqa: B017 - see the xfail above for the wanted CheckpointError
+        with pytest.raises(Exception):
             train(_corpus_cfg(tiny_corpus, schema), run_dir, progress=False)
         assert not marker.exists()
         assert not (run_dir / ("stage1_detector.pth" if stage == 1 else "stage2_xai.pth")).exists()

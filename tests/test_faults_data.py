@@ -178,11 +178,6 @@ def test_files_shorter_than_one_ssl_frame_are_scored_as_their_repeat_padding(fil
         assert scores[name] == pytest.approx(expected, abs=1e-4)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "xai_lib/training/stage1.py builds its EvalDataset without min_samples, so the datasets' default (400, the "
-    "wav2vec 2.0 / XLS-R frame) applies; a front end with a longer receptive field still stops the split on a "
-    "short file with the detector's 'audio too short' error, which does not name the utterance. Fix: pass "
-    "min_samples=model.min_input_samples to EvalDataset in score_utterances (and in _eval_loader)."))
 def test_short_files_are_padded_to_the_receptive_field_of_any_front_end(files):
     arch = tiny_model_dict()
     arch["ssl"]["conv_kernel"] = [20, 3, 3, 3, 3, 2, 2]  # 410 samples per frame

@@ -89,7 +89,7 @@ log = logging.getLogger(__name__)
 
 SAMPLE_RATE = 16000
 SEGMENT_S = 0.02  # PartialSpoof-style segment-label resolution
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 BONAFIDE_FRACTION = 0.3
 
 ATTACKS: dict[str, str] = {

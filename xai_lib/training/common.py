@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from ..models.checkpoint import atomic_torch_save
+from ..models.checkpoint import atomic_torch_save, safe_torch_load
 
 __all__ = [
     "NonFiniteLossError",
@@ -374,7 +374,7 @@ class BestCheckpoints:
         self.entries = []
 
     def state_dicts(self) -> list[dict[str, Tensor]]:
-        return [torch.load(self.dir / e["file"], map_location="cpu", weights_only=True) for e in self.entries]
+        return [safe_torch_load(self.dir / e["file"], map_location="cpu") for e in self.entries]
 
     def _write_index(self) -> None:
         tmp = self.dir / f"{self.INDEX}.tmp"
@@ -461,7 +461,7 @@ def load_training_state(path: Path) -> dict[str, Any] | None:
     path = Path(path)
     if not path.is_file():
         return None
-    return torch.load(path, map_location="cpu", weights_only=True)
+    return safe_torch_load(path, map_location="cpu")
 
 
 # ----------------------------------------------------------------------------- logging

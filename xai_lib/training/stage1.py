@@ -501,7 +501,7 @@ def score_utterances(
     min_len = model.min_input_samples
     shard = ctx.shard(_by_length(utts))
     ds = EvalDataset(shard, sample_rate=cfg.data.sample_rate, crop_samples=cfg.data.eval_crop_samples,
-                     on_bad_audio=cfg.data.on_bad_audio)
+                     on_bad_audio=cfg.data.on_bad_audio, min_samples=min_len)
     loader = DataLoader(ds, batch_size=cfg.training.eval_batch_size, shuffle=False, collate_fn=collate_padded,
                         num_workers=cfg.data.num_workers)
     scores: dict[str, float] = {}
