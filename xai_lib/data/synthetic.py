@@ -90,6 +90,7 @@ log = logging.getLogger(__name__)
 SAMPLE_RATE = 16000
 SEGMENT_S = 0.02  # PartialSpoof-style segment-label resolution
 GENERATOR_VERSION = 2
+_GENERATOR_NAME = "xai_lib.data.synthetic"  # also when run as __main__
 BONAFIDE_FRACTION = 0.3
 
 ATTACKS: dict[str, str] = {
@@ -778,8 +779,8 @@ def _prepare_out(out: Path, seed: int, size: str, overwrite: bool) -> bool:
             meta = json.loads(marker.read_text())
         except json.JSONDecodeError:
             meta = {}
-        if meta.get("generator") != __name__:
-            raise FileExistsError(f"{marker} was not written by {__name__}; choose another output folder")
+        if meta.get("generator") not in (_GENERATOR_NAME, "__main__"):
+            raise FileExistsError(f"{marker} was not written by {_GENERATOR_NAME}; choose another output folder")
         same = (meta.get("seed"), meta.get("size"), meta.get("version")) == (seed, size, GENERATOR_VERSION)
         if same and meta.get("complete") and not overwrite:
             return True
@@ -788,7 +789,7 @@ def _prepare_out(out: Path, seed: int, size: str, overwrite: bool) -> bool:
             shutil.rmtree(out / name, ignore_errors=True)
     elif any((out / name).exists() for name in _OWNED):
         raise FileExistsError(
-            f"{out} already holds ASVspoof-style folders but no corpus.json from {__name__}: it may be a real "
+            f"{out} already holds ASVspoof-style folders but no corpus.json from {_GENERATOR_NAME}: it may be a real "
             "database. Choose an empty output folder (nothing was changed)."
         )
     return False
@@ -828,7 +829,7 @@ def generate_corpus(
         return out
     t0 = time.perf_counter()
     spec = SIZES[size]
-    meta: dict[str, Any] = {"generator": __name__, "version": GENERATOR_VERSION, "seed": seed, "size": size, "complete": False}
+    meta: dict[str, Any] = {"generator": _GENERATOR_NAME, "version": GENERATOR_VERSION, "seed": seed, "size": size, "complete": False}
     (out / "corpus.json").write_text(json.dumps(meta, indent=2))
     jobs = _plan_jobs(out, seed, spec)
     for folder in {Path(j.path).parent for j in jobs}:
