@@ -403,7 +403,7 @@ def test_demo_generates_the_corpus_and_keeps_the_previous_demo(notebooks, tmp_pa
 
     calls = []
 
-    def fake_generate_corpus(out, seed, size):
+    def fake_generate_corpus(out, seed, size, **kwargs):
         calls.append((Path(out), seed, size))
         (Path(out) / "ASVspoof2019_LA_cm_protocols").mkdir(parents=True)
 

@@ -573,7 +573,9 @@ def bench_methods(
     fwd_ms: list[float] = []
     ms: dict[str, list[float]] = {m: [] for m in methods}
     ratio: dict[str, list[float]] = {m: [] for m in methods}
-    for _ in tqdm(range(repeats), desc="timing repetitions", disable=not progress):
+    load: list[list[float] | None] = []
+    for rep in tqdm(range(repeats), desc="timing repetitions", disable=not progress):
+        load.append(_loadavg())
         fwd_s = 0.0
         secs = {m: 0.0 for m in methods}
         for k, rows in enumerate(batches):
@@ -598,6 +600,8 @@ def bench_methods(
         for m in methods:
             ms[m].append(1000.0 * secs[m] / n)
             ratio[m].append(ms[m][-1] / f)
+        log.info("timing repetition %d/%d: forward %.1f ms/utt; %s (load average %s)", rep + 1, repeats, f,
+                 ", ".join(f"{m} {ms[m][-1]:.1f}" for m in methods), load[-1])
     results: dict[str, dict[str, Any]] = {}
     for m in methods:
         entry: dict[str, Any] = {k: quality[m].get(k) for k in QUALITY_KEYS}
@@ -614,6 +618,7 @@ def bench_methods(
         "batches": len(batches),
         "deletion_steps": deletion_steps,
         "forward_passes_per_batch": forward_passes,
+        "load_average_per_repetition": load,
     }
     if "importance" in methods and "integrated_gradients" in methods:
         extra["ig_over_importance"] = timing_stats(
