@@ -270,3 +270,15 @@ def test_a_ten_minute_file_is_scored_in_chunks_in_bounded_memory(tmp_path):
     assert growth_gb < 4.0, f"scoring a 10-minute file raised the peak RSS by {growth_gb:.2f} GB"
     print(f"10-minute file: peak RSS {m['rss_before_kb'] / 2**10:.0f} MB -> {m['peak_after_kb'] / 2**10:.0f} MB "
           f"(+{growth_gb * 1024:.0f} MB), {len(m['inputs'])} chunks of {chunk_s} s")
+
+
+def test_train_cli_user_error_exits_2_with_one_line(tmp_path, capsys):
+    """A config the user got wrong: exit status 2 and one line naming the file, no traceback."""
+    from xai_lib import train
+
+    missing = tmp_path / "nope.yaml"
+    rc = train.main(["stage1", "--config", str(missing), "--run-dir", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "nope.yaml" in err and "Traceback" not in err
+    assert not (tmp_path / "run" / "stage1_detector.pth").exists()

@@ -15,8 +15,10 @@ N ranks takes ``batch_size // N`` utterances per step (and BatchNorm statistics 
 global batch), so N processes train like one. On CPU, torchrun gives each process one
 thread (``OMP_NUM_THREADS=1``); set it yourself to give them more.
 
-A failing rank prints ``[rank N] ErrorType: message`` on stderr and exits non-zero;
-torchrun then stops the other ranks and exits non-zero too, naming the failed rank.
+A failing rank prints ``[rank N] ErrorType: message`` on stderr and exits non-zero
+(status 2 without a traceback for errors a user can fix: config, paths, data, checkpoints,
+NaN loss; status 1 with the traceback otherwise); torchrun then stops the other ranks and
+exits non-zero too, naming the failed rank.
 """
 from __future__ import annotations
 
@@ -50,6 +52,19 @@ def _parser() -> argparse.ArgumentParser:
     sc.add_argument("--out", required=True, help="score file to write (rank 0)")
     sc.add_argument("--override", "-o", action="append", default=[])
     return p
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Errors a user causes (bad config, path, data, checkpoint): reported without a traceback."""
+    from .config import ConfigError
+    from .data.audio import AudioError
+    from .data.protocols import MissingAudioError, ProtocolError
+    from .models.checkpoint import CheckpointError
+    from .models.detector import PretrainedNotFoundError
+    from .training.common import NonFiniteLossError, ResumeError
+
+    return (ConfigError, AudioError, MissingAudioError, ProtocolError, CheckpointError, PretrainedNotFoundError,
+            NonFiniteLossError, ResumeError)
 
 
 @record  # under torchrun: the failing rank's exception is written where the launcher reports it
@@ -100,7 +115,10 @@ def main(argv: list[str] | None = None) -> int:
                 write_score_file(resolve_path(args.out), order, [scores[u] for u in order])
                 log.info("wrote %d scores to %s", len(order), args.out)
     except Exception as exc:  # one clear line per rank, then a non-zero exit
-        print(f"[rank {ctx.rank}] {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+        where = f"[rank {ctx.rank}] " if ctx.distributed else ""
+        print(f"{where}{type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+        if isinstance(exc, _user_errors()):
+            return 2  # the message says what to fix; a traceback would only bury it
         raise
     finally:
         if ctx.distributed:
