@@ -967,6 +967,50 @@ def _run_bench(args: argparse.Namespace, out: Path, device: str, threads: int) -
     return results
 
 
+def detector_sweep(device: str, batches: Sequence[int], repeats: int = 5, threads: int | None = None,
+                   isolate: bool = True) -> list[dict[str, Any]]:
+    """XLS-R 300M + Conformer-TCM (random weights) training and inference, fp32 vs bf16 autocast.
+
+    For a GPU: one fresh child per (what, batch, precision) so that each peak-memory figure is
+    its own; 4.2 s (66,800-sample) inputs; ``batches`` are the training batch sizes, inference
+    uses the largest. A failure (e.g. out of memory) is a row with ``error``.
+
+    Returns:
+        rows ``{"what", "batch", "precision", "utt_per_s", "rtf", "step_s", "cuda_peak_mb", "error"}``.
+    """
+    from xai_lib.config import Stage1Config, config_to_dict, load_config
+    from xai_lib.paths import resolve_path
+
+    xcfg = load_config(resolve_path(_XLSR_CONFIG), Stage1Config, overrides=["model.ssl.pretrained_path=null"])
+    tc = xcfg.training
+    base = {"device": device, "threads": threads, "seed": 0, "model": config_to_dict(xcfg.model),
+            "samples": REFERENCE_CROP_SAMPLES, "optimizer": tc.optimizer, "lr": tc.lr,
+            "weight_decay": tc.weight_decay, "class_weights": list(tc.class_weights)}
+    jobs = [("train", b) for b in batches] + [("infer", max(batches))]
+    rows: list[dict[str, Any]] = []
+    for what, batch in jobs:
+        for bf16 in (False, True):
+            spec = {**base, "what": what, "batch": batch, "bf16": bf16, "warmup": 2, "repeats": repeats}
+            log.info("XLS-R %s batch %d %s ...", what, batch, "bf16" if bf16 else "fp32")
+            res = _measure(spec, isolate)
+            row: dict[str, Any] = {"what": what, "batch": batch, "precision": "bf16" if bf16 else "fp32"}
+            if "error" in res:
+                row["error"] = res["error"]
+            else:
+                step = float(np.median(res["seconds"]))
+                row.update(step_s=step, utt_per_s=batch / step, rtf=step / (batch * REFERENCE_CROP_SAMPLES / SAMPLE_RATE),
+                           cuda_peak_mb=res.get("cuda_peak_mb"), peak_rss_mb=res.get("peak_rss_mb"))
+            log.info("  %s", row)
+            rows.append(row)
+    return rows
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command line of ``python -m xai_lib.bench``."""
     p = argparse.ArgumentParser(
@@ -988,6 +1032,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds-long run on a tiny corpus and tiny models, 1 repetition, no XLS-R (used by the test)")
     p.add_argument("--skip-xlsr", action="store_true", help="do not measure the XLS-R 300M architecture")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--xlsr-sweep", type=int, nargs="+", metavar="BATCH", default=None,
+                   help="only XLS-R 300M training at these batch sizes (and inference), fp32 vs bf16, "
+                        "-> OUT/xlsr_sweep.json (meant for a GPU: --device cuda)")
     return p
 
 
@@ -1000,6 +1047,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.repeats < 1 or args.num_utterances < 1 or args.ig_steps < 1:
         print("error: --repeats, --num-utterances and --ig-steps must be >= 1", file=sys.stderr)
         return 2
+    if args.xlsr_sweep:
+        device = "cuda" if args.device == "auto" and _cuda_available() else ("cpu" if args.device == "auto" else args.device)
+        rows = detector_sweep(device, args.xlsr_sweep, repeats=args.repeats, threads=args.threads)
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "xlsr_sweep.json").write_text(json.dumps({"machine": machine_info(device), "rows": rows}, indent=2))
+        for r in rows:
+            print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()))
+        return 0
     try:
         results = run_bench(args)
     except BenchError as exc:

@@ -147,6 +147,13 @@ class DataConfig:
     eval_crop_samples: int | None = None  # None: score full length
     max_eval_seconds: float = 60.0  # longer files are scored in chunks of this size
     rawboost_algo: int = 5  # 0 = off; 1..8 as in the reference recipe
+    # splice augmentation (training crops): with this probability a crop becomes a bona fide crop
+    # with one span (splice_min_s .. splice_max_fraction x crop) taken from another utterance: a spoof
+    # one for a spoof label (a partially spoofed crop), a bona fide one for a bona fide label (so that
+    # seams carry no label). 0 = off (the reference recipe).
+    splice_prob: float = 0.0
+    splice_min_s: float = 0.1
+    splice_max_fraction: float = 0.5
     on_bad_audio: str = "error"  # "error" | "skip"
     num_workers: int = 0
     max_train_utts: int | None = None  # subsample (smoke runs)
@@ -162,6 +169,16 @@ class DataConfig:
             raise ConfigError("data.crop_samples must be >= 400 (one SSL frame)")
         if not 0 <= self.rawboost_algo <= 8:
             raise ConfigError(f"data.rawboost_algo must be 0 (off) or 1..8, got {self.rawboost_algo}")
+        if not 0.0 <= self.splice_prob <= 1.0:
+            raise ConfigError(f"data.splice_prob must be in [0, 1] (0 = off), got {self.splice_prob}")
+        _check_positive("data.splice_min_s", self.splice_min_s)
+        if not 0.0 < self.splice_max_fraction < 1.0:
+            raise ConfigError(f"data.splice_max_fraction must be in (0, 1), got {self.splice_max_fraction}")
+        if self.splice_prob > 0 and self.splice_min_s * self.sample_rate > self.splice_max_fraction * self.crop_samples:
+            raise ConfigError(
+                f"data.splice_min_s ({self.splice_min_s} s) is longer than splice_max_fraction x crop_samples "
+                f"({self.splice_max_fraction} x {self.crop_samples} samples); lower it or use longer crops"
+            )
         if self.on_bad_audio not in ("error", "skip"):
             raise ConfigError(f"data.on_bad_audio must be 'error' or 'skip', got {self.on_bad_audio!r}")
         _check_positive("data.max_eval_seconds", self.max_eval_seconds)

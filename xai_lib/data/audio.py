@@ -15,7 +15,7 @@ import numpy as np
 import soundfile as sf
 import torch
 
-__all__ = ["AudioError", "load_audio", "crop_or_pad", "pad_batch"]
+__all__ = ["AudioError", "load_audio", "crop_or_pad", "splice", "pad_batch"]
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +90,37 @@ def crop_or_pad(x: np.ndarray, n: int, rng: np.random.Generator | None = None) -
     if len(x) < n:
         return np.tile(x, math.ceil(n / len(x)))[:n]
     return x
+
+
+def splice(orig: np.ndarray, other: np.ndarray, spans: Sequence[tuple[int, int]], fade: int = 80) -> np.ndarray:
+    """Replace ``spans`` of ``orig`` with the same samples of ``other``, level-matched.
+
+    Each span ``[start, end)`` takes ``other[start:end]`` scaled to the RMS of ``orig`` over the
+    span, cross-faded with raised-cosine ramps of ``fade`` samples inside the span (80 = 5 ms at
+    16 kHz), so that the seam itself is not a step. The synthetic corpus builds its partially
+    spoofed utterances with this, and :class:`~xai_lib.data.datasets.TrainDataset` its spliced crops.
+
+    Args:
+        orig: (N,) the signal spliced into.
+        other: (>= max end,) the signal the spans come from (aligned sample by sample with ``orig``).
+        spans: ``[(start, end), ...]`` sample spans inside ``orig``.
+        fade: ramp length in samples (shortened to half a span for short spans).
+
+    Returns:
+        (N,) a new array (float64 when the inputs are).
+    """
+    y = orig.copy()
+    ramp = 0.5 - 0.5 * np.cos(np.pi * np.arange(fade) / fade)
+    for s, e in spans:
+        if not 0 <= s < e <= len(orig) or e > len(other):
+            raise ValueError(f"splice span [{s}, {e}) outside the signals ({len(orig)}, {len(other)} samples)")
+        a = other[s:e]
+        g = np.sqrt(np.mean(orig[s:e] ** 2) / max(np.mean(a**2), 1e-12))
+        w = np.ones(e - s)
+        f = min(fade, (e - s) // 2)
+        w[:f], w[e - s - f :] = ramp[:f], ramp[:f][::-1]
+        y[s:e] = (1.0 - w) * orig[s:e] + w * g * a
+    return y
 
 
 def pad_batch(waves: Sequence[np.ndarray | torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ..config import DataConfig
-from .audio import EMPTY_FILE, AudioError, crop_or_pad, load_audio, pad_batch
+from .audio import EMPTY_FILE, AudioError, crop_or_pad, load_audio, pad_batch, splice
 from .protocols import ProtocolError, Utterance, check_files_exist, load_segment_labels, read_protocol
 from .rawboost import rawboost
 
@@ -113,6 +113,13 @@ class TrainDataset(_AudioDataset):
         on_bad_audio: ``"error"`` raises AudioError, ``"skip"`` returns ``None`` (dropped by
             :func:`collate_padded`) and records the file in ``skipped``.
 
+        splice_prob: probability that a crop is spliced (0 = off): a spoof item becomes a crop of a
+            random bona fide utterance with one span of its own crop inserted (a partially spoofed
+            crop, still labelled spoof); a bona fide item gets one span of another bona fide crop
+            (labelled bona fide), so that the seams themselves carry no label.
+        splice_min_samples, splice_max_fraction: the inserted span is between this many samples
+            and this fraction of the crop long, at a uniform position.
+
     Items: ``{"wave": (crop_samples,) float32, "label": int, "utt_id": str, "attack": str}``.
     The crop is taken first and RawBoost applied to it (cheaper than augmenting the whole file).
     """
@@ -125,8 +132,19 @@ class TrainDataset(_AudioDataset):
         rawboost_algo: int = 0,
         seed: int = 0,
         on_bad_audio: str = "error",
+        splice_prob: float = 0.0,
+        splice_min_samples: int = 1600,
+        splice_max_fraction: float = 0.5,
     ) -> None:
         super().__init__(utts, sample_rate, on_bad_audio)
+        if not 0.0 <= splice_prob <= 1.0:
+            raise ValueError(f"splice_prob must be in [0, 1], got {splice_prob}")
+        self.splice_prob = float(splice_prob)
+        self.splice_min_samples = max(1, int(splice_min_samples))
+        self.splice_max_samples = max(self.splice_min_samples, int(splice_max_fraction * crop_samples))
+        if self.splice_prob and self.splice_max_samples > crop_samples:
+            raise ValueError(f"splice spans ({self.splice_max_samples} samples) do not fit the crop ({crop_samples})")
+        self._bonafide = [i for i, u in enumerate(self.utts) if u.label == 1]
         if crop_samples <= 0:
             raise ValueError(f"crop_samples must be positive, got {crop_samples}")
         if not 0 <= rawboost_algo <= 8:
@@ -147,9 +165,27 @@ class TrainDataset(_AudioDataset):
             return None
         rng = np.random.default_rng([self.seed % 2**32, self.epoch, index])
         x = crop_or_pad(x, self.crop_samples, rng)  # (crop_samples,)
+        if self.splice_prob and utt.label in (0, 1) and rng.random() < self.splice_prob:
+            x = self._splice(index, utt.label, x, rng)
         if self.rawboost_algo:
             x = rawboost(x, self.rawboost_algo, self.sample_rate, rng)
         return self._item(utt, x)
+
+
+    def _splice(self, index: int, label: int, x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """``x`` spliced with a random bona fide partner (see the class doc); ``x`` when there is none."""
+        partners = [i for i in self._bonafide if i != index] if label == 1 else self._bonafide
+        if not partners:
+            return x
+        other = self._load(self.utts[partners[int(rng.integers(len(partners)))]])
+        if other is None:
+            return x
+        other = crop_or_pad(other, self.crop_samples, rng)
+        n = int(rng.integers(self.splice_min_samples, self.splice_max_samples + 1))
+        start = int(rng.integers(0, self.crop_samples - n + 1))
+        base, inserted = (other, x) if label == 0 else (x, other)  # a spoof span goes into a bona fide crop
+        fade = max(1, int(0.005 * self.sample_rate))
+        return splice(base.astype(np.float64), inserted.astype(np.float64), [(start, start + n)], fade).astype(x.dtype)
 
 
 class EvalDataset(_AudioDataset):

@@ -70,6 +70,8 @@ from numpy.lib.stride_tricks import sliding_window_view
 from scipy import fft as sp_fft
 from scipy import ndimage, signal
 
+from .audio import splice
+
 __all__ = [
     "SAMPLE_RATE",
     "SEGMENT_S",
@@ -662,17 +664,7 @@ def _choose_spans(content: _Content, rng: np.random.Generator) -> list[tuple[int
 
 def _splice(orig: np.ndarray, attacked: np.ndarray, spans: Sequence[tuple[int, int]]) -> np.ndarray:
     """Replace ``spans`` of ``orig`` with the level-matched ``attacked`` signal (5 ms fades inside)."""
-    y = orig.copy()
-    fade = int(0.005 * SAMPLE_RATE)
-    ramp = 0.5 - 0.5 * np.cos(np.pi * np.arange(fade) / fade)
-    for s, e in spans:
-        a = attacked[s:e]
-        g = np.sqrt(np.mean(orig[s:e] ** 2) / max(np.mean(a**2), 1e-12))
-        w = np.ones(e - s)
-        f = min(fade, (e - s) // 2)
-        w[:f], w[e - s - f :] = ramp[:f], ramp[:f][::-1]
-        y[s:e] = (1.0 - w) * orig[s:e] + w * g * a
-    return y
+    return splice(orig, attacked, spans, fade=int(0.005 * SAMPLE_RATE))
 
 
 def segment_labels_from_spans(

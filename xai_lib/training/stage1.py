@@ -285,6 +285,9 @@ def train_stage1(
         rawboost_algo=cfg.data.rawboost_algo,
         seed=tc.seed,
         on_bad_audio=cfg.data.on_bad_audio,
+        splice_prob=cfg.data.splice_prob,
+        splice_min_samples=int(round(cfg.data.splice_min_s * cfg.data.sample_rate)),
+        splice_max_fraction=cfg.data.splice_max_fraction,
     )
     if tc.batch_size % ctx.world_size:
         log.warning("training.batch_size=%d is not a multiple of the %d processes; the global batch is %d",
