@@ -139,3 +139,56 @@ def test_build_split_reports_missing_audio_and_missing_protocol(tiny_corpus, tmp
         build_split(DataConfig(root=str(root)), "dev")
     with pytest.raises(ProtocolError, match="data.train_protocol is not set"):
         build_split(DataConfig(root=str(root), train_protocol=None), "train")
+
+
+def test_splice_replaces_only_the_span_level_matched():
+    from xai_lib.data.audio import splice
+
+    rng = np.random.default_rng(0)
+    orig, other = 0.1 * rng.standard_normal(4000), 2.0 * rng.standard_normal(4000)
+    y = splice(orig, other, [(1000, 2000)], fade=80)
+    assert np.array_equal(y[:1000], orig[:1000]) and np.array_equal(y[2000:], orig[2000:])
+    inner = slice(1080, 1920)  # past the fades: the other signal, scaled to orig's level over the span
+    g = np.sqrt(np.mean(orig[1000:2000] ** 2) / np.mean(other[1000:2000] ** 2))
+    np.testing.assert_allclose(y[inner], g * other[inner])
+    with pytest.raises(ValueError, match="outside"):
+        splice(orig, other, [(3900, 4100)])
+
+
+def test_train_dataset_splice_augmentation_keeps_labels_and_inserts_one_span(tmp_path):
+    rng = np.random.default_rng(1)
+    utts = []
+    for i, label in enumerate([0, 1, 1, 0]):  # spoof, bona fide, bona fide, spoof
+        path = tmp_path / f"s{i}.wav"
+        # each utterance a pure tone of its own frequency: where a crop came from is measurable
+        sf.write(str(path), (0.3 * np.sin(2 * np.pi * (300 + 400 * i) * np.arange(8000) / SR)).astype(np.float32), SR)
+        utts.append(Utterance(f"s{i}", path, label, "A01" if label == 0 else "-"))
+    plain = TrainDataset(utts, crop_samples=4000, seed=0)
+    spliced = TrainDataset(utts, crop_samples=4000, seed=0, splice_prob=1.0, splice_min_samples=800,
+                           splice_max_fraction=0.5)
+
+    def energy_at(x, f):  # (frames of 400,) energy of x at frequency f per 25 ms frame
+        frames = x.numpy().reshape(-1, 400)
+        return np.abs(frames @ np.exp(-2j * np.pi * f * np.arange(400) / SR))
+
+    for index, utt in enumerate(utts):
+        item = spliced[index]
+        assert item["label"] == utt.label and item["utt_id"] == utt.utt_id and item["wave"].shape == (4000,)
+        own = energy_at(item["wave"], 300 + 400 * index) > 10
+        if utt.label == 0:  # a bona fide crop with one span of this spoof: 800-2000 samples of its own tone
+            assert 1 <= own.sum() <= 6 and not own.all()
+        else:  # its own crop with one span of another bona fide utterance
+            assert 4 <= own.sum() <= 9 and not own.all()
+        assert torch.equal(spliced[index]["wave"], item["wave"])  # seeded by (seed, epoch, index)
+    assert torch.equal(TrainDataset(utts, crop_samples=4000, seed=0, splice_prob=0.0)[0]["wave"], plain[0]["wave"])
+    with pytest.raises(ValueError, match="splice_prob"):
+        TrainDataset(utts, crop_samples=4000, splice_prob=1.5)
+
+
+def test_splice_config_is_validated():
+    from xai_lib.config import ConfigError
+
+    with pytest.raises(ConfigError, match="splice_prob"):
+        DataConfig(splice_prob=-0.1)
+    with pytest.raises(ConfigError, match="splice_min_s"):
+        DataConfig(splice_prob=0.5, crop_samples=16000, splice_min_s=0.6, splice_max_fraction=0.5)

@@ -258,3 +258,30 @@ def test_too_short_audio_is_a_clear_error():
     wave, _ = _waves([1000, 1000])
     with pytest.raises(ValueError, match="at least 400"):
         model(wave, torch.tensor([1000, 300]))
+
+
+def test_windowed_frontend_is_local_and_on_the_detector_frame_grid():
+    model = _tiny_detector()
+    wave, lens = _waves([24000, 9000])
+    with torch.no_grad():
+        full, mask = model.frontend(wave, lens)
+        local, lmask = model.windowed_frontend(wave, lens, context_s=0.3)
+        assert local.shape == full.shape and torch.equal(lmask, mask)
+        assert local[1, int(mask[1].sum()):].abs().sum() == 0  # padding stays 0
+        # a window longer than the utterance is the utterance itself: exactly frontend()
+        whole, _ = model.windowed_frontend(wave[1:, :9000], None, context_s=5.0)
+        torch.testing.assert_close(whole, model.frontend(wave[1:, :9000])[0], atol=1e-6, rtol=0)
+        # 0.3 s = 15-frame windows starting every 7 frames (centres 7.5, 14.5, 21.5, 28.5, ...):
+        # frame 30 (centre 30.5) comes from the window starting at frame 21, as its 10th frame
+        win = model.windowed_frontend(wave[:1, :24000], None, context_s=0.3)[0]
+        hop, span = model.frame_hop_samples, model.min_input_samples
+        assert hop == 320
+        window = model.frontend(wave[:1, 21 * hop : 21 * hop + 14 * hop + span])[0]  # (1, 15, D)
+        torch.testing.assert_close(win[0, 30], window[0, 9], atol=1e-5, rtol=0)
+        # locality: changing audio far from frame 10 leaves its local feature, not its full-context one
+        changed = wave[:1, :24000].clone()
+        changed[0, 16000:] = 0.5 * torch.randn(8000, generator=torch.Generator().manual_seed(1))
+        local2 = model.windowed_frontend(changed, None, context_s=0.3)[0]
+        full2 = model.frontend(changed)[0]
+    torch.testing.assert_close(local2[0, 10], win[0, 10], atol=1e-6, rtol=0)
+    assert not torch.allclose(full2[0, 10], full[0, 10], atol=1e-4)

@@ -382,3 +382,26 @@ def test_importance_is_higher_inside_spliced_spans(tmp_path):
     assert inside.mean() > outside.mean() + 0.03, (inside, outside)
     assert (inside > outside).sum() >= 7, (inside, outside)
     assert localization_metrics(weights, masks)["loc_auc"] > 0.65  # measured 0.74
+
+
+def test_local_context_representation_is_trained_saved_and_applied(tmp_path, tiny_corpus, detector_file):
+    """xai.context_s: h(t) from 0.2 s windows in training and when the saved module explains."""
+    run_dir = _run_dir(tmp_path / "ctx", detector_file)
+    cfg = _cfg(tiny_corpus, "xai.context_s=0.2", "training.num_epochs=1", "data.splice_prob=0.5")
+    result = train_stage2(cfg, run_dir, progress=False)
+    raw = torch.load(result.checkpoint, map_location="cpu", weights_only=True)
+    assert raw["xai_config"]["context_s"] == 0.2
+    detector = load_detector(run_dir / "stage1_detector.pth")
+    xai = load_xai(result.checkpoint, detector=detector)
+    wave = torch.randn(1, 16000, generator=torch.Generator().manual_seed(3)) * 0.1
+    w = xai.frame_importance(detector, wave)
+    with torch.no_grad():
+        local, mask = detector.windowed_frontend(wave, None, 0.2)
+        full, _ = detector.frontend(wave)
+        torch.testing.assert_close(w, xai.module(local, mask).importance, atol=1e-6, rtol=0)
+        assert not torch.allclose(xai.module(full, mask).importance, w, atol=1e-4)
+        # training-side extraction: h local, the fidelity term's back-end input the detector's own
+        h, ssl, m = extract_representation(detector, wave, None, "ssl", context_s=0.2)
+    torch.testing.assert_close(h, local) and torch.testing.assert_close(ssl, full)
+    with pytest.raises(Exception, match="context_s"):
+        _cfg(tiny_corpus, "xai.context_s=0.001")

@@ -241,10 +241,18 @@ class XAIConfig:
     """The Stage-2 XAI module (DESIGN §4). Defaults are the seed configuration."""
 
     representation: str = "ssl"  # "ssl" (SSL output, the original) | "backend" (Conformer frame tokens)
+    # seconds of audio the frozen front end sees when computing h(t): null = the whole utterance (as
+    # the detector scores it, the original); e.g. 0.3 = overlapping 0.3 s windows on the detector's
+    # frame grid, each frame from the window centred nearest to it (local evidence stays local).
+    # The fidelity term and Stage-3 deletion/insertion always use the detector's own full-context features.
+    context_s: float | None = None
     prototype_mode: str = "ema"  # "ema" | "fixed" | "learnable"
     ema_momentum: float = 0.99
     importance_arch: str = "mlp"  # "mlp" (per frame) | "conv" (temporal 1-D conv variant)
     importance_hidden_dim: int = 256
+    # > 0: w(t) is the mean of the importance network's per-frame outputs over this many seconds
+    # around t (inside the module, so training sees it too); 0 = per frame, the seed
+    importance_smoothing_s: float = 0.0
     dropout: float = 0.1
     temperature: float = 0.07
     lambda_bonafide_reg: float = 0.1
@@ -256,6 +264,10 @@ class XAIConfig:
     def __post_init__(self) -> None:
         if self.representation not in ("ssl", "backend"):
             raise ConfigError(f"xai.representation must be 'ssl' or 'backend', got {self.representation!r}")
+        if self.context_s is not None and not (math.isfinite(self.context_s) and self.context_s >= 0.03):
+            raise ConfigError(
+                f"xai.context_s must be null (whole utterance) or >= 0.03 seconds (one SSL frame), got {self.context_s}"
+            )
         if self.prototype_mode not in ("ema", "fixed", "learnable"):
             raise ConfigError(
                 f"xai.prototype_mode must be one of 'ema', 'fixed', 'learnable', got {self.prototype_mode!r}"
@@ -264,6 +276,7 @@ class XAIConfig:
             raise ConfigError(f"xai.importance_arch must be 'mlp' or 'conv', got {self.importance_arch!r}")
         _check_range("xai.ema_momentum", self.ema_momentum, 0.0, 1.0, hi_open=True)
         _check_positive("xai.importance_hidden_dim", self.importance_hidden_dim)
+        _check_range("xai.importance_smoothing_s", self.importance_smoothing_s, 0.0, 10.0)
         _check_range("xai.dropout", self.dropout, 0.0, 1.0, hi_open=True)
         _check_positive("xai.temperature", self.temperature)
         for name in ("lambda_bonafide_reg", "lambda_temporal_smooth", "lambda_sparsity", "lambda_fidelity"):

@@ -725,6 +725,77 @@ class Detector(DetectorBackEnd):
         frame_mask = torch.arange(T, device=hidden.device)[None, :] < frame_lengths[:, None]  # (B, T)
         return hidden * frame_mask[..., None].to(hidden.dtype), frame_mask
 
+    @property
+    def frame_hop_samples(self) -> int:
+        """Samples between SSL frames (the product of the conv strides: 320 = 20 ms)."""
+        hop = 1
+        for stride in self.ssl_model.config.conv_stride:
+            hop *= int(stride)
+        return hop
+
+    def windowed_frontend(
+        self, wave: Tensor, lengths: Tensor | None = None, context_s: float = 0.3, max_windows: int = 256
+    ) -> tuple[Tensor, Tensor]:
+        """SSL features computed with a limited audio context per frame.
+
+        :meth:`frontend` lets every frame see the whole utterance (the transformer attends
+        globally, and a group-normalised first conv layer normalises over the whole input), so
+        a short spoofed span colours the features of every frame. Here the whole front end
+        runs on overlapping windows of ``context_s`` seconds of audio, half a window apart,
+        laid on the detector's own frame grid, and every frame takes its feature from the
+        window whose centre is nearest: the same frames, the same frozen weights, a local
+        context, at about twice the front end's cost. Utterances no longer than one window
+        are processed whole (exactly :meth:`frontend` on that utterance).
+
+        Args:
+            wave: (B, L) float waveform at 16 kHz, right-padded.
+            lengths: (B,) valid samples; ``None`` = all L.
+            context_s: window length in seconds (at least one frame).
+            max_windows: windows per front-end call (bounds memory).
+
+        Returns:
+            ssl_features: (B, T, D_ssl) with T as :meth:`frontend` gives it, padded frames 0.
+            frame_mask: (B, T) bool, true for valid frames.
+        """
+        if wave.dim() != 2:
+            raise ValueError(f"wave must be (B, L) samples, got shape {tuple(wave.shape)}")
+        B, L = wave.shape
+        lengths = (torch.full((B,), L, dtype=torch.long, device=wave.device) if lengths is None
+                   else torch.as_tensor(lengths, dtype=torch.long, device=wave.device))
+        hop, span = self.frame_hop_samples, self.min_input_samples
+        n_frames = self.num_frames(lengths).tolist()
+        if min(n_frames) < 1:
+            raise ValueError(f"audio too short: {int(lengths.min())} samples, the SSL front end needs at least {span}")
+        T = max(n_frames)
+        win_frames = max(1, int(round(context_s / (hop / 16000.0))))
+        win_samples = (win_frames - 1) * hop + span
+        step = max(1, win_frames // 2)
+        param = next(self.ssl_model.parameters())
+        out = torch.zeros(B, T, int(self.ssl_model.config.hidden_size), dtype=param.dtype, device=wave.device)
+        segments: list[Tensor] = []
+        targets: list[tuple[int, Tensor, Tensor]] = []  # (utterance, global frames, frames in the window)
+        for b, n in enumerate(n_frames):
+            if n <= win_frames:  # one window: the whole utterance, as frontend() sees it
+                out[b, :n] = self.frontend(wave[b : b + 1, : int(lengths[b])])[0][0, :n]
+                continue
+            starts = list(range(0, n - win_frames + 1, step))
+            if starts[-1] != n - win_frames:
+                starts.append(n - win_frames)
+            centres = torch.tensor(starts, dtype=torch.float32) + win_frames / 2.0
+            frames = torch.arange(n)
+            nearest = (frames[:, None].float() + 0.5 - centres[None, :]).abs().argmin(dim=1)  # (n,)
+            for k, s0 in enumerate(starts):
+                mine = frames[nearest == k]
+                if len(mine):
+                    segments.append(wave[b, s0 * hop : s0 * hop + win_samples])
+                    targets.append((b, mine.to(out.device), (mine - s0).to(out.device)))
+        for i in range(0, len(segments), max_windows):
+            feats, _ = self.frontend(torch.stack(segments[i : i + max_windows]))  # (N, win_frames, D)
+            for j, (b, glob, loc) in enumerate(targets[i : i + max_windows]):
+                out[b, glob] = feats[j, loc]
+        frame_mask = torch.arange(T, device=wave.device)[None, :] < torch.tensor(n_frames, device=wave.device)[:, None]
+        return out, frame_mask
+
     def forward(self, wave: Tensor, lengths: Tensor | None = None, output_attentions: bool = False) -> DetectorOutput:
         """Score a batch of waveforms.
 

@@ -79,7 +79,12 @@ def representation_dim(detector: nn.Module, kind: str) -> int:
 
 @torch.no_grad()
 def extract_representation(
-    detector: nn.Module, wave: Tensor, lengths: Tensor | None, kind: str
+    detector: nn.Module,
+    wave: Tensor,
+    lengths: Tensor | None,
+    kind: str,
+    context_s: float | None = None,
+    full_features: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Frame representation ``h`` of a waveform batch by the frozen detector (no gradient).
 
@@ -90,18 +95,30 @@ def extract_representation(
         kind: ``"ssl"``: ``h`` is the SSL output; ``"backend"``: ``h`` is the back end's frame
             tokens (last Conformer block, class token removed), computed from the same SSL
             features.
+        context_s: ``None``: ``h`` is computed from the whole utterance, as the detector scores
+            it; seconds: from windows of that much audio
+            (:meth:`~xai_lib.models.detector.Detector.windowed_frontend`), so that a frame's
+            representation reflects its own neighbourhood.
+        full_features: also compute the detector's own full-context SSL features (the second
+            return value) when ``context_s`` is set; ``False`` returns the windowed ones there.
 
     Returns:
         h: (B, T, D) the representation (0 on padded frames).
-        ssl_features: (B, T, D_ssl) the back end's input (what the fidelity term and the
-            deletion metrics perturb frame by frame; the same frame index as ``h``).
+        ssl_features: (B, T, D_ssl) the detector's full-context SSL features, the back end's
+            input (what the fidelity term and the deletion metrics perturb frame by frame; the
+            same frame index as ``h``).
         frame_mask: (B, T) bool, True on valid frames.
     """
     _check_kind(kind)
-    ssl_features, frame_mask = detector.frontend(wave, lengths)  # (B, T, D_ssl), (B, T)
+    if context_s is None:
+        ssl_features, frame_mask = detector.frontend(wave, lengths)  # (B, T, D_ssl), (B, T)
+        local = ssl_features
+    else:
+        local, frame_mask = detector.windowed_frontend(wave, lengths, context_s)
+        ssl_features = detector.frontend(wave, lengths)[0] if full_features else local
     if kind == "ssl":
-        return ssl_features, ssl_features, frame_mask
-    tokens = detector.backend(ssl_features, frame_mask).frame_tokens  # (B, T, E)
+        return local, ssl_features, frame_mask
+    tokens = detector.backend(local, frame_mask).frame_tokens  # (B, T, E)
     return tokens, ssl_features, frame_mask
 
 
@@ -260,7 +277,8 @@ class LoadedXAI:
         Returns:
             :class:`~xai_lib.models.xai.XAIOutput` with ``T`` = the detector's frame count.
         """
-        h, _, frame_mask = extract_representation(detector, wave, lengths, self.representation)
+        h, _, frame_mask = extract_representation(detector, wave, lengths, self.representation,
+                                                  context_s=self.config.context_s, full_features=False)
         if h.shape[-1] != self.in_dim:
             self.check_detector(detector)  # raises the explanatory error
         self.module.eval()

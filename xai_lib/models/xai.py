@@ -92,6 +92,12 @@ def normalized_importance(
 # ----------------------------------------------------------------------------- importance
 
 
+def smoothing_frames(seconds: float, frame_hop_s: float = 0.02) -> int:
+    """Odd number of 20 ms frames spanning about ``seconds`` (1 = no smoothing)."""
+    k = int(round(seconds / frame_hop_s))
+    return max(1, k + 1 if k % 2 == 0 else k) if k > 1 else 1
+
+
 class ImportanceNetwork(nn.Module):
     """Per-frame importance ``w(t) = sigmoid(f(h(t)))`` in [0, 1].
 
@@ -107,6 +113,9 @@ class ImportanceNetwork(nn.Module):
         dropout: dropout after each hidden layer (training mode only).
         arch: ``"mlp"`` or ``"conv"``.
         conv_kernel: kernel size of the ``conv`` variant's first layer (odd).
+        smoothing_frames: ``k`` > 1 averages the sigmoid outputs over ``k`` frames centred on
+            each frame (valid frames only; the mean of values in [0, 1] stays in [0, 1]): ``w``
+            at the time resolution its representation supports. 1 (or 0) = off, the seed.
     """
 
     def __init__(
@@ -116,8 +125,10 @@ class ImportanceNetwork(nn.Module):
         dropout: float = 0.1,
         arch: str = "mlp",
         conv_kernel: int = 5,
+        smoothing_frames: int = 1,
     ) -> None:
         super().__init__()
+        self.smoothing_frames = max(1, int(smoothing_frames))
         if arch not in ("mlp", "conv"):
             raise ValueError(f"ImportanceNetwork arch must be 'mlp' or 'conv', got {arch!r}")
         if conv_kernel % 2 != 1:
@@ -156,7 +167,14 @@ class ImportanceNetwork(nn.Module):
         else:
             x = self.input_layer(h)  # (B, T, H)
         logits = self.head(x).squeeze(-1)  # (B, T)
-        return torch.sigmoid(logits) * mask
+        w = torch.sigmoid(logits) * mask
+        k = self.smoothing_frames
+        if k > 1:  # masked moving average: padded frames neither count nor receive
+            kernel = w.new_ones(1, 1, k)
+            total = F.conv1d(w.unsqueeze(1), kernel, padding=k // 2)[:, 0, : w.shape[1]]
+            count = F.conv1d(mask.unsqueeze(1), kernel, padding=k // 2)[:, 0, : w.shape[1]]
+            w = total / count.clamp_min(1.0) * mask
+        return w
 
 
 # ----------------------------------------------------------------------------- prototypes
@@ -402,7 +420,8 @@ class XAIModule(nn.Module):
         self.in_dim = in_dim
         self.temperature = cfg.temperature
         self.importance = ImportanceNetwork(
-            in_dim, hidden_dim=cfg.importance_hidden_dim, dropout=cfg.dropout, arch=cfg.importance_arch
+            in_dim, hidden_dim=cfg.importance_hidden_dim, dropout=cfg.dropout, arch=cfg.importance_arch,
+            smoothing_frames=smoothing_frames(cfg.importance_smoothing_s),
         )
         self.prototypes = Prototypes(in_dim, mode=cfg.prototype_mode, momentum=cfg.ema_momentum)
 

@@ -246,7 +246,7 @@ class Stage2Result:
 
 
 def _forward_detector(
-    detector: nn.Module, wave: Tensor, lengths: Tensor, kind: str
+    detector: nn.Module, wave: Tensor, lengths: Tensor, kind: str, context_s: float | None = None
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Representation, back-end input, frame mask and the full-input spoof probability.
 
@@ -256,7 +256,10 @@ def _forward_detector(
     with torch.no_grad():
         ssl, mask = detector.frontend(wave, lengths)  # (B, T, D_ssl), (B, T)
         out = detector.backend(ssl, mask)
-        h = ssl if kind == "ssl" else out.frame_tokens  # (B, T, D)
+        if context_s is None:
+            h = ssl if kind == "ssl" else out.frame_tokens  # (B, T, D)
+        else:
+            h = extract_representation(detector, wave, lengths, kind, context_s, full_features=False)[0]
         p_full = F.softmax(out.logits.float(), dim=-1)[:, SPOOF_INDEX]  # (B,)
     return h, ssl, mask, p_full
 
@@ -273,7 +276,7 @@ def _batch_loss(
     wave = batch["wave"].to(device)
     lengths = batch["lengths"].to(device)
     labels = batch["labels"].to(device)
-    h, ssl, mask, p_full = _forward_detector(detector, wave, lengths, cfg.xai.representation)
+    h, ssl, mask, p_full = _forward_detector(detector, wave, lengths, cfg.xai.representation, cfg.xai.context_s)
     with torch.set_grad_enabled(grad):
         out = xai(h, mask)
         fid_grad = grad and cfg.xai.lambda_fidelity > 0
@@ -327,13 +330,14 @@ def evaluate_xai(
 
 
 def _representation_batches(
-    detector: nn.Module, loader: DataLoader, kind: str, device: torch.device
+    detector: nn.Module, loader: DataLoader, kind: str, device: torch.device, context_s: float | None = None
 ) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
     """``(h (B, T, D), frame_mask (B, T), labels (B,))`` for :func:`class_means`."""
     for batch in loader:
         if len(batch["labels"]) == 0:
             continue
-        h, _, mask = extract_representation(detector, batch["wave"].to(device), batch["lengths"].to(device), kind)
+        h, _, mask = extract_representation(detector, batch["wave"].to(device), batch["lengths"].to(device), kind,
+                                            context_s, full_features=False)
         yield h, mask, batch["labels"].to(device)
 
 
@@ -351,7 +355,7 @@ def _training_class_means(
                      on_bad_audio=cfg.data.on_bad_audio)
     loader = DataLoader(ds, batch_size=cfg.training.eval_batch_size, shuffle=False, collate_fn=collate_padded,
                         num_workers=cfg.data.num_workers)
-    batches = _representation_batches(detector, loader, cfg.xai.representation, ctx.device)
+    batches = _representation_batches(detector, loader, cfg.xai.representation, ctx.device, cfg.xai.context_s)
     return class_means(batches, progress=progress and ctx.is_main)
 
 
@@ -458,7 +462,10 @@ def train_stage2(
     dev_utts = build_split(cfg.data, "dev")
     # random crop positions (seeded by seed, epoch, index); no RawBoost: we explain clean input
     train_ds = TrainDataset(train_utts, crop_samples=cfg.data.crop_samples, sample_rate=cfg.data.sample_rate,
-                            rawboost_algo=0, seed=tc.seed, on_bad_audio=cfg.data.on_bad_audio)
+                            rawboost_algo=0, seed=tc.seed, on_bad_audio=cfg.data.on_bad_audio,
+                            splice_prob=cfg.data.splice_prob,
+                            splice_min_samples=int(round(cfg.data.splice_min_s * cfg.data.sample_rate)),
+                            splice_max_fraction=cfg.data.splice_max_fraction)
     sampler = DistributedSampler(train_ds, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True,
                                  seed=tc.seed, drop_last=False)
     train_loader = DataLoader(train_ds, batch_size=max(1, tc.batch_size // ctx.world_size), sampler=sampler,
