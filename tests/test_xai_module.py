@@ -283,3 +283,25 @@ def test_state_dict_round_trip_keeps_prototypes_and_mode_keys():
     keys_fixed = set(XAIModule(D, XAIConfig(prototype_mode="fixed", importance_hidden_dim=16)).state_dict())
     keys_learn = set(XAIModule(D, XAIConfig(prototype_mode="learnable", importance_hidden_dim=16)).state_dict())
     assert keys_fixed == keys_learn == set(src.state_dict())
+
+
+def test_importance_smoothing_is_a_masked_moving_average():
+    from xai_lib.models.xai import smoothing_frames
+
+    assert smoothing_frames(0.0) == 1 and smoothing_frames(0.3) == 15 and smoothing_frames(0.2) == 11
+    torch.manual_seed(0)
+    plain = ImportanceNetwork(8, hidden_dim=16, dropout=0.0)
+    smooth = ImportanceNetwork(8, hidden_dim=16, dropout=0.0, smoothing_frames=5)
+    smooth.load_state_dict(plain.state_dict())
+    h = torch.randn(2, 12, 8)
+    mask = torch.ones(2, 12, dtype=torch.bool)
+    mask[1, 9:] = False
+    w, ws = plain(h, mask), smooth(h, mask)
+    assert float(ws.min()) >= 0.0 and float(ws.max()) <= 1.0
+    torch.testing.assert_close(ws[0, 5], w[0, 3:8].mean())  # centred 5-frame mean
+    torch.testing.assert_close(ws[0, 0], w[0, :3].mean())  # at the edge: the frames that exist
+    torch.testing.assert_close(ws[1, 8], w[1, 6:9].mean())  # padding neither counts nor receives
+    assert torch.all(ws[1, 9:] == 0)
+    alone = smooth(h[1:, :9], None)
+    torch.testing.assert_close(ws[1, :9], alone[0])
+    assert XAIModule(8, XAIConfig(importance_smoothing_s=0.1, importance_hidden_dim=16)).importance.smoothing_frames == 5
