@@ -344,20 +344,40 @@ def _planted_corpus(root: Path) -> dict:
             "crop_samples": CROP, "rawboost_algo": 0, **none}
 
 
-def test_importance_is_higher_inside_spliced_spans(tmp_path):
-    """A tiny detector trained for a few epochs on a corpus whose spoofs carry a planted artifact;
-    Stage 2 sees only utterance labels, yet on bona fide audio with the artifact spliced into one
-    span its importance is higher inside the span than outside."""
-    from xai_lib.explain_metrics import localization_metrics
+@pytest.fixture(scope="module")
+def planted_run(tmp_path_factory):
+    """A tiny detector trained for a few epochs on a corpus whose spoofs carry a planted artifact."""
     from xai_lib.training.stage1 import train_stage1
 
-    data = _planted_corpus(tmp_path / "corpus")
-    run_dir = tmp_path / "run"
+    base = tmp_path_factory.mktemp("planted")
+    data = _planted_corpus(base / "corpus")
+    run_dir = base / "run"
     stage1_cfg = load_config({"model": tiny_model_dict(), "data": data,
                               "training": {"batch_size": 8, "eval_batch_size": 8, "num_epochs": 4, "optimizer": "adamw",
                                            "lr": 1e-3, "patience": 10, "keep_best": 1}}, Stage1Config)
     train_stage1(stage1_cfg, run_dir, progress=False)
-    cfg = load_config({"xai": {"importance_hidden_dim": 32}, "data": data,
+    return data, run_dir
+
+
+# the seed objective (per-frame MLP on whole-utterance features) and the demo's local-context one
+_XAI_VARIANTS = {
+    "seed": {"importance_hidden_dim": 32},
+    "local": {"importance_hidden_dim": 32, "context_s": 0.3, "importance_arch": "conv",
+              "importance_smoothing_s": 0.3, "prototype_mode": "learnable", "lambda_fidelity": 2.0},
+}
+
+
+@pytest.mark.parametrize("variant", sorted(_XAI_VARIANTS))
+def test_importance_is_higher_inside_spliced_spans(planted_run, tmp_path, variant):
+    """Stage 2 sees only utterance labels, yet on bona fide audio with the planted artifact spliced
+    into one span its importance is higher inside the span than outside."""
+    from xai_lib.explain_metrics import localization_metrics
+
+    data, stage1_dir = planted_run
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    shutil.copy(stage1_dir / "stage1_detector.pth", run_dir / "stage1_detector.pth")
+    cfg = load_config({"xai": _XAI_VARIANTS[variant], "data": data,
                        "training": {"batch_size": 8, "eval_batch_size": 8, "num_epochs": 10, "lr": 1e-3,
                                     "patience": 10}}, Stage2Config)
     result = train_stage2(cfg, run_dir, progress=False)
@@ -402,6 +422,7 @@ def test_local_context_representation_is_trained_saved_and_applied(tmp_path, tin
         assert not torch.allclose(xai.module(full, mask).importance, w, atol=1e-4)
         # training-side extraction: h local, the fidelity term's back-end input the detector's own
         h, ssl, m = extract_representation(detector, wave, None, "ssl", context_s=0.2)
-    torch.testing.assert_close(h, local) and torch.testing.assert_close(ssl, full)
+    torch.testing.assert_close(h, local)
+    torch.testing.assert_close(ssl, full)
     with pytest.raises(Exception, match="context_s"):
         _cfg(tiny_corpus, "xai.context_s=0.001")
