@@ -72,7 +72,7 @@ from ..models.stage2_checkpoint import (
     representation_dim,
     save_xai,
 )
-from ..models.xai import SPOOF_INDEX, XAIModule, class_means
+from ..models.xai import SPOOF_INDEX, XAIModule, class_means, smoothing_frames
 from ..paths import PROJECT_ROOT, resolve_path
 from .common import (
     DistContext,
@@ -449,6 +449,13 @@ def train_stage2(
     sha = file_sha256(det_path)
     _check_consistency(cfg, detector, det_path)
     kind = cfg.xai.representation
+    smooth = smoothing_frames(cfg.xai.importance_smoothing_s)
+    crop_frames = cfg.data.crop_samples // 320
+    if smooth > 1 and 3 * smooth > crop_frames:
+        log.warning("xai.importance_smoothing_s=%s averages w over %d of the %d frames of a training crop "
+                    "(data.crop_samples=%d): w is nearly constant within a crop and learns little; keep the "
+                    "smoothing below a third of the crop", cfg.xai.importance_smoothing_s, smooth, crop_frames,
+                    cfg.data.crop_samples)
     in_dim = representation_dim(detector, kind)
     log.info("Stage 2 on the frozen detector %s (sha256 %s...), %s representation of dim %d",
              det_path, sha[:12], kind, in_dim)
