@@ -409,7 +409,14 @@ def _resolve_model_config(config: Any) -> tuple[ModelConfig, str]:
 # ----------------------------------------------------------------------------- save / load / average
 
 
-def _primitive(value: Any, where: str) -> Any:
+def to_primitive(value: Any, where: str, caller: str = "save_detector") -> Any:
+    """``value`` as numbers, strings, booleans, None and lists/dicts of them (what a
+    ``weights_only`` checkpoint may hold beside tensors): paths become strings, one-element
+    tensors and NumPy scalars numbers.
+
+    Raises:
+        TypeError: anything else, naming ``caller`` and the place ``where`` in the structure.
+    """
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     if isinstance(value, Path):
@@ -419,14 +426,15 @@ def _primitive(value: Any, where: str) -> Any:
     if hasattr(value, "item") and callable(value.item) and getattr(value, "ndim", None) == 0:  # numpy scalar
         return value.item()
     if isinstance(value, (list, tuple)):
-        return [_primitive(v, f"{where}[{i}]") for i, v in enumerate(value)]
+        return [to_primitive(v, f"{where}[{i}]", caller) for i, v in enumerate(value)]
     if isinstance(value, Mapping):
-        return {str(k): _primitive(v, f"{where}.{k}") for k, v in value.items()}
-    raise TypeError(f"save_detector: {where} is a {type(value).__name__}; extra may hold only numbers, "
-                    "strings, booleans, None and lists/dicts of them")
+        return {str(k): to_primitive(v, f"{where}.{k}", caller) for k, v in value.items()}
+    raise TypeError(f"{caller}: {where} is a {type(value).__name__}; only numbers, strings, booleans, None "
+                    "and lists/dicts of them can be stored")
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The module inside DataParallel/DistributedDataParallel wrappers (``model`` itself otherwise)."""
     while isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
         model = model.module
     return model
@@ -444,7 +452,7 @@ def save_detector(model: nn.Module, path: str | Path, extra: Mapping[str, Any] |
     Returns:
         ``path`` as a ``Path``.
     """
-    model = _unwrap(model)
+    model = unwrap_model(model)
     if not isinstance(model, Detector):
         raise TypeError(f"save_detector expects a Detector, got {type(model).__name__}")
     obj = {
@@ -453,7 +461,7 @@ def save_detector(model: nn.Module, path: str | Path, extra: Mapping[str, Any] |
         "model_config": config_to_dict(model.cfg),
         "ssl_config": ssl_config_dict(model.ssl_model),
         "state_dict": {k: v.detach().to("cpu") for k, v in model.state_dict().items()},
-        "extra": _primitive(dict(extra or {}), "extra"),
+        "extra": to_primitive(dict(extra or {}), "extra"),
     }
     path = atomic_torch_save(obj, path)
     logger.info("saved detector to %s", path)

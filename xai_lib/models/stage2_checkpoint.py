@@ -34,7 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from xai_lib.config import ConfigError, XAIConfig, config_from_dict, config_to_dict
-from xai_lib.models.checkpoint import CheckpointError, atomic_torch_save, safe_torch_load
+from xai_lib.models.checkpoint import CheckpointError, atomic_torch_save, safe_torch_load, to_primitive, unwrap_model
 from xai_lib.models.xai import XAIModule, XAIOutput
 
 __all__ = [
@@ -144,29 +144,6 @@ def detector_source(detector: nn.Module) -> Path | None:
 # ----------------------------------------------------------------------------- save
 
 
-def _primitive(value: Any, where: str) -> Any:
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    if isinstance(value, Path):
-        return str(value)
-    if isinstance(value, Tensor) and value.numel() == 1:
-        return value.item()
-    if hasattr(value, "item") and getattr(value, "ndim", None) == 0:  # numpy scalar
-        return value.item()
-    if isinstance(value, (list, tuple)):
-        return [_primitive(v, f"{where}[{i}]") for i, v in enumerate(value)]
-    if isinstance(value, Mapping):
-        return {str(k): _primitive(v, f"{where}.{k}") for k, v in value.items()}
-    raise TypeError(f"save_xai: {where} is a {type(value).__name__}; only numbers, strings, booleans, None "
-                    "and lists/dicts of them can be stored")
-
-
-def _unwrap(module: nn.Module) -> nn.Module:
-    while isinstance(module, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
-        module = module.module
-    return module
-
-
 def save_xai(
     module: nn.Module,
     path: str | Path,
@@ -188,7 +165,7 @@ def save_xai(
     Returns:
         ``path`` as a ``Path``.
     """
-    module = _unwrap(module)
+    module = unwrap_model(module)
     if not isinstance(module, XAIModule):
         raise TypeError(f"save_xai expects an XAIModule, got {type(module).__name__}")
     obj = {
@@ -199,7 +176,7 @@ def save_xai(
         "representation": str(cfg.representation),
         "state_dict": {k: v.detach().to("cpu").clone() for k, v in module.state_dict().items()},
         "detector": {"path": str(detector_path), "sha256": str(detector_sha256)},
-        "extra": _primitive(dict(extra or {}), "extra"),
+        "extra": to_primitive(dict(extra or {}), "extra", "save_xai"),
     }
     path = atomic_torch_save(obj, path)
     logger.info("saved Stage-2 XAI module to %s", path)

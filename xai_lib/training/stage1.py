@@ -38,7 +38,7 @@ from ..config import Stage1Config, config_to_dict, save_config
 from ..data.datasets import EvalDataset, TrainDataset, build_split, collate_padded, scan_audio
 from ..data.protocols import Utterance
 from ..metrics import compute_eer
-from ..models.checkpoint import average_state_dicts, save_detector
+from ..models.checkpoint import average_state_dicts, save_detector, unwrap_model
 from ..models.detector import Detector
 from .common import (
     BestCheckpoints,
@@ -129,10 +129,6 @@ def _autocast(device: torch.device, bf16: bool):
     return nullcontext()
 
 
-def _unwrap(model: torch.nn.Module) -> Detector:
-    return model.module if isinstance(model, DDP) else model  # type: ignore[return-value]
-
-
 def _by_length(utts: Sequence[Utterance]) -> list[Utterance]:
     """Utterances ordered longest first (from file headers): batches need little padding and
     sharding the sorted list gives every rank a similar amount of audio."""
@@ -191,7 +187,7 @@ def evaluate_detector(
         labelled utterances (the training loss's normalisation); score = bona fide logit.
     """
     ctx = ctx or DistContext(device=device)
-    net = _unwrap(model)
+    net = unwrap_model(model)
     net.eval()
     loss_sum, weight_sum = 0.0, 0.0
     scores: dict[str, float] = {}
