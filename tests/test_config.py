@@ -84,3 +84,15 @@ def test_yaml_exponent_without_dot_is_a_number(tmp_path):
     p = tmp_path / "lr.yaml"
     p.write_text("training:\n  lr: 1e-4\n")  # YAML 1.1 reads this as a string
     assert load_config(p, Stage1Config).training.lr == 1e-4
+
+
+def test_save_config_replaces_the_file_whole_and_leaves_no_temporary(tmp_path):
+    from xai_lib.config import Stage2Config, load_config, save_config
+
+    path = tmp_path / "run" / "config_stage2.yaml"
+    path.parent.mkdir()
+    path.write_text("old: content\n")
+    cfg = load_config({"training": {"batch_size": 7}}, Stage2Config)
+    save_config(cfg, path)
+    assert load_config(path, Stage2Config).training.batch_size == 7
+    assert [p.name for p in path.parent.iterdir()] == ["config_stage2.yaml"]

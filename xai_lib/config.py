@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 import types
 import typing
@@ -529,5 +530,10 @@ def save_config(cfg: Any, path: str | Path) -> Path:
     """Write the resolved config as YAML (used for every run directory)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # a crash leaves the old file whole
+    try:
+        tmp.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path

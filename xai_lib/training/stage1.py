@@ -175,6 +175,7 @@ def evaluate_detector(
     ctx: DistContext | None = None,
     bf16: bool = False,
     desc: str = "dev",
+    progress: bool = True,
 ) -> tuple[float, dict[str, float], dict[str, int]]:
     """Weighted-CE loss and scores over ``loader`` (merged across ranks).
 
@@ -191,7 +192,7 @@ def evaluate_detector(
     loss_sum, weight_sum = 0.0, 0.0
     scores: dict[str, float] = {}
     labels: dict[str, int] = {}
-    for batch in tqdm(loader, desc=desc, leave=False, disable=not ctx.is_main):
+    for batch in tqdm(loader, desc=desc, leave=False, disable=not (progress and ctx.is_main)):
         if not batch["utt_ids"]:
             continue  # every item skipped (bad audio)
         wave = batch["wave"].to(device)  # (B, L) right-padded
@@ -383,7 +384,7 @@ def train_stage1(
             n_utts_all = round(ctx.all_reduce_mean(n_utts) * ctx.world_size)
             train_loss = float(np.mean(step_losses)) if step_losses else float("nan")
             dev_loss, dev_scores, dev_labels = evaluate_detector(
-                train_model, dev_loader, device, class_weights, ctx, tc.bf16, desc="dev"
+                train_model, dev_loader, device, class_weights, ctx, tc.bf16, desc="dev", progress=progress
             )
             dev_eer = _eer_from(dev_scores, dev_labels)
             epoch_seconds = time.perf_counter() - t_epoch
