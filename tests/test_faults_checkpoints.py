@@ -14,6 +14,7 @@ import ast
 import json
 import os
 import signal
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -382,8 +383,12 @@ def test_a_save_that_dies_midway_keeps_the_previous_checkpoint(tmp_path, monkeyp
     leftovers = [p for p in path.parent.iterdir() if p.name.endswith(".tmp")]
     assert leftovers and all(p.name.startswith(".") for p in leftovers)  # a hidden temporary, never the target
 
-    # 3. the next save works and wins
+    # 3. the next save works and wins; the killed writer's temporary is swept once it is a minute old
+    old = time.time() - 120
+    for p in leftovers:
+        os.utime(p, (old, old))
     assert read(write(2)) == 2
+    assert not [p for p in path.parent.iterdir() if p.name.endswith(".tmp")]
 
 
 # ----------------------------------------------------------------------------- dimension mismatch
@@ -469,3 +474,17 @@ def test_a_refused_stage2_resume_leaves_the_run_config_untouched(tmp_path, tiny_
     with pytest.raises(ResumeError):
         train_stage2(cfg, run_dir, progress=False)
     assert (run_dir / "config_stage2.yaml").read_bytes() == before
+
+
+def test_a_live_writers_temporary_is_never_swept(tmp_path):
+    from xai_lib.models.checkpoint import atomic_torch_save
+
+    live = tmp_path / f".model.pth.{os.getpid()}.abc.tmp"  # this process is alive
+    live.write_bytes(b"partial")
+    foreign = tmp_path / ".model.pth.notapid.tmp"
+    foreign.write_bytes(b"?")
+    old = time.time() - 3600
+    for p in (live, foreign):
+        os.utime(p, (old, old))
+    atomic_torch_save({"x": torch.ones(1)}, tmp_path / "model.pth")
+    assert live.exists() and foreign.exists()

@@ -25,6 +25,7 @@ import os
 import pickle
 import re
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
@@ -100,6 +101,28 @@ class LoadReport:
 # ----------------------------------------------------------------------------- file I/O
 
 
+def _remove_stale_temporaries(path: Path, min_age_s: float = 60.0) -> None:
+    """Delete ``.NAME.PID.*.tmp`` files next to ``path`` left by a killed writer (SIGKILL, power loss):
+    their process no longer exists on this machine and they are older than ``min_age_s``."""
+    for tmp in path.parent.glob(f".{path.name}.*.tmp"):
+        parts = tmp.name[len(path.name) + 2 :].split(".")
+        if not parts or not parts[0].isdigit():
+            continue
+        try:
+            os.kill(int(parts[0]), 0)
+            continue  # its writer is alive
+        except ProcessLookupError:
+            pass
+        except (PermissionError, OverflowError, OSError):
+            continue  # alive under another user, or not a pid: leave it
+        try:
+            if time.time() - tmp.stat().st_mtime >= min_age_s:
+                tmp.unlink()
+                logger.info("removed %s, left by an interrupted save", tmp)
+        except OSError:
+            pass
+
+
 def atomic_torch_save(obj: Any, path: str | Path) -> Path:
     """``torch.save`` that never leaves a half-written file at ``path``.
 
@@ -112,7 +135,8 @@ def atomic_torch_save(obj: Any, path: str | Path) -> Path:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    _remove_stale_temporaries(path)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
     tmp = Path(tmp_name)
     try:
         with os.fdopen(fd, "wb") as fh:
