@@ -285,3 +285,12 @@ def test_windowed_frontend_is_local_and_on_the_detector_frame_grid():
         full2 = model.frontend(changed)[0]
     torch.testing.assert_close(local2[0, 10], win[0, 10], atol=1e-6, rtol=0)
     assert not torch.allclose(full2[0, 10], full[0, 10], atol=1e-4)
+    # a batch mixing an utterance shorter than one window (9 frames < 15) with a long one
+    mixed, mixed_lens = _waves([24000, 3000])
+    with torch.no_grad():
+        both, both_mask = model.windowed_frontend(mixed, mixed_lens, context_s=0.3)
+        short_alone = model.frontend(mixed[1:, :3000])[0]
+        long_alone = model.windowed_frontend(mixed[:1], None, context_s=0.3)[0]
+    assert both_mask.sum(1).tolist() == [74, 9]
+    torch.testing.assert_close(both[1, :9], short_alone[0], atol=1e-6, rtol=0)
+    torch.testing.assert_close(both[0], long_alone[0], atol=1e-6, rtol=0)
