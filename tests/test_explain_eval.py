@@ -134,6 +134,16 @@ def test_localization_wiring_matches_localization_metrics_on_hand_made_masks():
     for key in ("loc_auc", "loc_eer", "pointing_game"):
         assert res[key] == pytest.approx(expected[key], abs=1e-6), key
     assert 0.0 < res["loc_auc"] < 1.0
+    assert res["loc_auc_per_attack"] is None  # the items name no attack
+
+    # per attack: the same metric over each attack's utterances
+    for it, attack in zip(items, ["A01", "A02", "A01", "A02", "-"]):
+        it["attack"] = attack
+    res = evaluate_methods(det, EnergyImportance(), items, methods=["importance"], steps=4, batch_size=3,
+                           progress=False)["importance"]
+    assert set(res["loc_auc_per_attack"]) == {"A01", "A02"}
+    a01 = localization_metrics([expected_imp[i] for i in (0, 2)], [items[i]["spoof_mask"] for i in (0, 2)])
+    assert res["loc_auc_per_attack"]["A01"] == pytest.approx(a01["loc_auc"], abs=1e-6)
 
 
 def test_metrics_are_none_when_their_utterances_are_absent():

@@ -75,6 +75,7 @@ RESULT_KEYS: tuple[str, ...] = (
     "deletion_curve",
     "insertion_curve",
     "fractions",
+    "loc_auc_per_attack",
 )
 
 
@@ -179,6 +180,7 @@ def _check_items(items: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
             "wave": wave.float(),
             "spoof_mask": None if mask is None else np.asarray(mask, dtype=bool).reshape(-1),
             "label": label,
+            "attack": item.get("attack"),
         })
     return out
 
@@ -233,7 +235,9 @@ def evaluate_methods(
         wall time per utterance), ``cost_vs_forward`` (``ms_per_utt`` / ms of one
         detector forward per utterance), ``deletion_curve``/``insertion_curve`` (mean
         curves, lists of ``steps + 1`` floats, ``None`` without faithfulness items) and
-        ``fractions`` (their x axis). All values are JSON-serialisable.
+        ``fractions`` (their x axis), ``loc_auc_per_attack`` (``{attack: loc_auc}`` over the
+        items with a spoof mask, by their ``attack``; ``None`` when they name none). All values
+        are JSON-serialisable.
     """
     if detector.training:
         raise ValueError("evaluate_methods: put the detector in eval() mode first (detector.eval())")
@@ -311,6 +315,14 @@ def evaluate_methods(
             loc = localization_metrics([a["imp"][i] for i in loc_rows], [data[i]["spoof_mask"] for i in loc_rows])
             for key in ("loc_auc", "loc_eer", "pointing_game"):
                 entry[key] = _nan_to_none(loc[key])
+            attacks = sorted({str(data[i].get("attack")) for i in loc_rows} - {"None", "-"})
+            if attacks:
+                entry["loc_auc_per_attack"] = {
+                    atk: _nan_to_none(localization_metrics(
+                        [a["imp"][i] for i in loc_rows if str(data[i].get("attack")) == atk],
+                        [data[i]["spoof_mask"] for i in loc_rows if str(data[i].get("attack")) == atk])["loc_auc"])
+                    for atk in attacks
+                }
         entry["ms_per_utt"] = ms
         entry["cost_vs_forward"] = ms / forward_ms if forward_ms > 0 else None
         entry["fractions"] = fractions

@@ -121,6 +121,6 @@ def run_stage3(
             sim_bona, sim_spoof = sims(it)
             plots.plot_prototype_similarity(sim_bona, sim_spoof, hop, ax=axes[2], spoof_spans_s=spans)
             figures.append(str(plots.save_figure(fig, fig_dir / f"stage3_overlay_{it['utt_id']}.png")))
-    table = {m: {k: results[m].get(k) for k in STAGE3_KEYS} for m in results}
+    table = {m: {k: results[m].get(k) for k in (*STAGE3_KEYS, "loc_auc_per_attack")} for m in results}
     log.info("Stage 3 metrics\n%s", metrics_table(table))
     return {"methods": table, "num_utterances": len(items), "figures": figures}
