@@ -15,6 +15,14 @@ import torch
 torch.set_num_threads(1)  # tiny models: one thread is faster and deterministic
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Every test module starts on one thread, whatever a training run in an earlier one set
+    (``training.num_threads``)."""
+    torch.set_num_threads(1)
+    yield
+
+
 @pytest.fixture(scope="session")
 def tiny_corpus(tmp_path_factory) -> Path:
     """A tiny synthetic corpus in the ASVspoof 2019 LA layout (generated once per session)."""

@@ -34,14 +34,6 @@ from xai_lib.training.stage1 import score_utterances
 SR = 16000
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _tone(n: int, sr: int = SR, hz: float = 1000.0) -> np.ndarray:
     t = np.arange(n) / sr
     return (0.3 * np.sin(2 * np.pi * hz * t)).astype(np.float32)

@@ -33,15 +33,6 @@ from xai_lib.training.stage2 import (
 CROP = 8000  # 0.5 s crops: 24 frames
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These tiny models run fastest on one thread (and do not fight other processes for cores)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _tiny_detector(seed: int = 0, ssl_hidden: int | None = None) -> Detector:
     arch = tiny_model_dict()
     if ssl_hidden is not None:

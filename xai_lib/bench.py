@@ -556,7 +556,7 @@ def bench_methods(
 
     from xai_lib.attribution import Attributor
     from xai_lib.data.audio import pad_batch
-    from xai_lib.explain_eval import evaluate_methods
+    from xai_lib.explain_eval import evaluate_methods, time_forward
 
     method_kwargs = {k: dict(v) for k, v in (method_kwargs or {}).items()}
     quality = evaluate_methods(
@@ -581,15 +581,7 @@ def bench_methods(
         for k, rows in enumerate(batches):
             wave, lengths = pad_batch([waves[i] for i in rows])  # (B, L), (B,)
             wave, lengths = wave.to(device), lengths.to(device)
-            passes = []
-            for _ in range(forward_passes):
-                _sync(device)
-                t0 = time.perf_counter()
-                with torch.no_grad():
-                    detector(wave, lengths)
-                _sync(device)
-                passes.append(time.perf_counter() - t0)
-            fwd_s += float(np.median(passes))
+            fwd_s += time_forward(detector, wave, lengths, forward_passes)
             for m in methods:
                 kw = dict(method_kwargs.get(m, {}))
                 if m == "random":

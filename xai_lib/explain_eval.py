@@ -52,13 +52,14 @@ from tqdm.auto import tqdm
 
 from xai_lib.attribution import METHODS, Attributor, ImportanceModel
 from xai_lib.data.audio import load_audio, pad_batch
-from xai_lib.explain_metrics import deletion_insertion, localization_metrics
+from xai_lib.explain_metrics import deletion_insertion, localization_metrics, localization_per_attack
 
 __all__ = [
     "ExplanationItem",
     "RESULT_KEYS",
     "representation_score_fn",
     "evaluate_methods",
+    "time_forward",
     "load_explanation_set",
 ]
 
@@ -274,7 +275,7 @@ def evaluate_methods(
     for k, rows in enumerate(tqdm(batches, desc="explain batches", disable=not progress)):
         wave, lengths = pad_batch([data[i]["wave"] for i in rows])  # (B, L), (B,)
         wave, lengths = wave.to(device), lengths.to(device)
-        forward_seconds += _time_forward(detector, wave, lengths, forward_repeats)
+        forward_seconds += time_forward(detector, wave, lengths, forward_repeats)
 
         scorer = representation_score_fn(detector, wave, lengths)
         faith_rows = [j for j, i in enumerate(rows) if data[i]["label"] != 1]
@@ -312,17 +313,13 @@ def evaluate_methods(
             entry["deletion_curve"] = np.concatenate(a["del_curves"]).mean(axis=0).tolist()
             entry["insertion_curve"] = np.concatenate(a["ins_curves"]).mean(axis=0).tolist()
         if loc_rows:
-            loc = localization_metrics([a["imp"][i] for i in loc_rows], [data[i]["spoof_mask"] for i in loc_rows])
+            imps, masks = [a["imp"][i] for i in loc_rows], [data[i]["spoof_mask"] for i in loc_rows]
+            loc = localization_metrics(imps, masks)
             for key in ("loc_auc", "loc_eer", "pointing_game"):
                 entry[key] = _nan_to_none(loc[key])
-            attacks = sorted({str(data[i].get("attack")) for i in loc_rows} - {"None", "-"})
-            if attacks:
-                entry["loc_auc_per_attack"] = {
-                    atk: _nan_to_none(localization_metrics(
-                        [a["imp"][i] for i in loc_rows if str(data[i].get("attack")) == atk],
-                        [data[i]["spoof_mask"] for i in loc_rows if str(data[i].get("attack")) == atk])["loc_auc"])
-                    for atk in attacks
-                }
+            per_attack = localization_per_attack(imps, masks, [data[i]["attack"] for i in loc_rows])
+            if per_attack is not None:
+                entry["loc_auc_per_attack"] = {k: _nan_to_none(v) for k, v in per_attack.items()}
         entry["ms_per_utt"] = ms
         entry["cost_vs_forward"] = ms / forward_ms if forward_ms > 0 else None
         entry["fractions"] = fractions
@@ -336,7 +333,7 @@ def evaluate_methods(
     return results
 
 
-def _time_forward(detector: nn.Module, wave: Tensor, lengths: Tensor, repeats: int) -> float:
+def time_forward(detector: nn.Module, wave: Tensor, lengths: Tensor, repeats: int) -> float:
     """Median wall time (s) of ``repeats`` no-grad detector forward passes on one batch."""
     device = wave.device
     times = []

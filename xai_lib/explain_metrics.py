@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 __all__ = [
     "deletion_insertion",
     "localization_metrics",
+    "localization_per_attack",
     "random_baseline_importance",
     "trapezoid_auc",
 ]
@@ -379,4 +380,30 @@ def localization_metrics(
         "pointing_game": float(np.mean(hits)) if hits else float("nan"),
         "n_frames": int(labels.size),
         "n_pointing_utts": len(hits),
+    }
+
+
+def localization_per_attack(
+    importance: Sequence[np.ndarray | torch.Tensor],
+    spoof_masks: Sequence[np.ndarray | torch.Tensor],
+    attacks: Sequence[object],
+) -> dict[str, float] | None:
+    """:func:`localization_metrics`' ``loc_auc`` over the utterances of each attack.
+
+    Args:
+        importance, spoof_masks: as for :func:`localization_metrics`.
+        attacks: the attack id of each utterance; ``None`` and ``"-"`` (none/bona fide) are left out.
+
+    Returns:
+        ``{attack: loc_auc}`` in sorted order (NaN where undefined), or ``None`` when no
+        utterance names an attack.
+    """
+    names = [str(a) for a in attacks]
+    wanted = sorted(set(names) - {"None", "-"})
+    if not wanted:
+        return None
+    return {
+        atk: localization_metrics([w for w, n in zip(importance, names) if n == atk],
+                                  [m for m, n in zip(spoof_masks, names) if n == atk])["loc_auc"]
+        for atk in wanted
     }

@@ -171,7 +171,6 @@ class TrainDataset(_AudioDataset):
             x = rawboost(x, self.rawboost_algo, self.sample_rate, rng)
         return self._item(utt, x)
 
-
     def _splice(self, index: int, label: int, x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """``x`` spliced with a random bona fide partner (see the class doc); ``x`` when there is none."""
         partners = [i for i in self._bonafide if i != index] if label == 1 else self._bonafide

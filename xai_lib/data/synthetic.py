@@ -662,11 +662,6 @@ def _choose_spans(content: _Content, rng: np.random.Generator) -> list[tuple[int
     return spans
 
 
-def _splice(orig: np.ndarray, attacked: np.ndarray, spans: Sequence[tuple[int, int]]) -> np.ndarray:
-    """Replace ``spans`` of ``orig`` with the level-matched ``attacked`` signal (5 ms fades inside)."""
-    return splice(orig, attacked, spans, fade=int(0.005 * SAMPLE_RATE))
-
-
 def segment_labels_from_spans(
     n_samples: int, spans: Sequence[Sequence[int]], segment_samples: int = int(SEGMENT_S * SAMPLE_RATE)
 ) -> np.ndarray:
@@ -696,7 +691,7 @@ def _render(job: _Job) -> dict[str, Any]:
     spans: list[tuple[int, int]] = []
     if job.partial:
         spans = _choose_spans(content, rng)
-        dry = _splice(content.wave, _ATTACK_FNS[job.attack](content, rng), spans)
+        dry = splice(content.wave, _ATTACK_FNS[job.attack](content, rng), spans, fade=int(0.005 * SAMPLE_RATE))
     elif job.label == 0:
         dry = _ATTACK_FNS[job.attack](content, rng)
     else:

@@ -767,7 +767,7 @@ class Detector(DetectorBackEnd):
         if min(n_frames) < 1:
             raise ValueError(f"audio too short: {int(lengths.min())} samples, the SSL front end needs at least {span}")
         T = max(n_frames)
-        win_frames = max(1, int(round(context_s / (hop / 16000.0))))
+        win_frames = max(1, int(round(context_s / self.frame_hop_s)))
         win_samples = (win_frames - 1) * hop + span
         step = max(1, win_frames // 2)
         param = next(self.ssl_model.parameters())

@@ -45,6 +45,9 @@ __all__ = [
     "set_rng_state",
     "save_training_state",
     "load_training_state",
+    "start_run",
+    "loop_state",
+    "restore_loop_state",
     "summary_writer",
     "merge_metrics",
 ]
@@ -462,6 +465,60 @@ def load_training_state(path: Path) -> dict[str, Any] | None:
     if not path.is_file():
         return None
     return safe_torch_load(path, map_location="cpu")
+
+
+def start_run(device: str, seed: int, num_threads: int | None) -> DistContext:
+    """The first steps of every training loop: join torchrun's process group (or not), set the
+    CPU threads when asked, seed every RNG. Returns this process's :class:`DistContext`."""
+    ctx = init_distributed(device)
+    if num_threads:
+        torch.set_num_threads(num_threads)
+    seed_everything(seed)
+    return ctx
+
+
+def loop_state(
+    module_key: str,
+    module: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    early: EarlyStopping,
+    history: dict[str, list[float]],
+    epoch: int,
+    global_step: int,
+    elapsed: float,
+    stopped: bool,
+    **extra: Any,
+) -> dict[str, Any]:
+    """The resumable state both loops write after each epoch (``extra``: each stage's own keys);
+    :func:`restore_loop_state` reads it back."""
+    return {
+        module_key: module.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "early": early.state_dict(),
+        "history": history,
+        "epoch": epoch,
+        "global_step": global_step,
+        "elapsed": elapsed,
+        "rng": rng_state(),
+        "stopped": stopped,
+        **extra,
+    }
+
+
+def restore_loop_state(
+    state: dict[str, Any], module_key: str, module: nn.Module, optimizer: torch.optim.Optimizer, early: EarlyStopping
+) -> tuple[dict[str, list[float]], int, int, float]:
+    """Load what :func:`loop_state` wrote into ``module``, ``optimizer``, ``early`` and the RNGs.
+
+    Returns:
+        ``(history, epochs completed, global step, elapsed training seconds)``.
+    """
+    module.load_state_dict(state[module_key])
+    optimizer.load_state_dict(state["optimizer"])
+    early.load_state_dict(state["early"])
+    set_rng_state(state["rng"])
+    history = {k: list(v) for k, v in state["history"].items()}
+    return history, int(state["epoch"]), int(state["global_step"]), float(state["elapsed"])
 
 
 # ----------------------------------------------------------------------------- logging

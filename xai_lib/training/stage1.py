@@ -45,12 +45,11 @@ from .common import (
     EarlyStopping,
     ResumeError,
     check_finite,
-    init_distributed,
     load_training_state,
-    rng_state,
+    loop_state,
+    restore_loop_state,
     save_training_state,
-    seed_everything,
-    set_rng_state,
+    start_run,
     summary_writer,
     wrap_ddp,
 )
@@ -264,10 +263,7 @@ def train_stage1(
     """
     run_dir = Path(run_dir)
     tc = cfg.training
-    ctx = init_distributed(tc.device)
-    if tc.num_threads:
-        torch.set_num_threads(tc.num_threads)
-    seed_everything(tc.seed)
+    ctx = start_run(tc.device, tc.seed, tc.num_threads)
     device = ctx.device
     ckpt_dir = run_dir / "checkpoints" / "stage1"
     state_path = ckpt_dir / STATE_NAME
@@ -319,12 +315,8 @@ def train_stage1(
     state = load_training_state(state_path) if resume else None
     if state is not None:
         _check_resumable(state, cfg, state_path)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        early.load_state_dict(state["early"])
-        history.update({k: list(v) for k, v in state["history"].items()})
-        start_epoch, global_step, elapsed = int(state["epoch"]), int(state["global_step"]), float(state["elapsed"])
-        set_rng_state(state["rng"])
+        restored, start_epoch, global_step, elapsed = restore_loop_state(state, "model", model, optimizer, early)
+        history.update(restored)
         log.info("resumed Stage 1 from %s after %d completed epochs", state_path, start_epoch)
     ctx.barrier()  # every rank has read the state before rank 0 touches the directory
     if ctx.is_main:
@@ -407,19 +399,8 @@ def train_stage1(
                 best.consider(dev_loss, epoch + 1, model.state_dict())
                 save_training_state(
                     state_path,
-                    {
-                        "model": model.state_dict(),
-                        "optimizer": optimizer.state_dict(),
-                        "early": early.state_dict(),
-                        "history": history,
-                        "epoch": epoch + 1,
-                        "global_step": global_step,
-                        "elapsed": elapsed,
-                        "rng": rng_state(),
-                        "stopped": stopped_early,
-                        "model_config": config_to_dict(cfg.model),
-                        "world_size": ctx.world_size,
-                    },
+                    loop_state("model", model, optimizer, early, history, epoch + 1, global_step, elapsed,
+                               stopped_early, model_config=config_to_dict(cfg.model), world_size=ctx.world_size),
                 )
             ctx.barrier()
             if stopped_early:

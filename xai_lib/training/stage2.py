@@ -79,12 +79,11 @@ from .common import (
     EarlyStopping,
     ResumeError,
     check_finite,
-    init_distributed,
     load_training_state,
-    rng_state,
+    loop_state,
+    restore_loop_state,
     save_training_state,
-    seed_everything,
-    set_rng_state,
+    start_run,
     summary_writer,
 )
 
@@ -438,10 +437,7 @@ def train_stage2(
     """
     run_dir = Path(run_dir)
     tc = cfg.training
-    ctx = init_distributed(tc.device)
-    if tc.num_threads:
-        torch.set_num_threads(tc.num_threads)
-    seed_everything(tc.seed)
+    ctx = start_run(tc.device, tc.seed, tc.num_threads)
     device = ctx.device
 
     det_path = resolve_detector(detector_path or cfg.detector.path, run_dir, cfg.detector.fallback)
@@ -502,14 +498,9 @@ def train_stage2(
     if ctx.is_main:  # only after a refused resume could no longer happen: the run's config stays intact
         save_config(cfg, run_dir / "config_stage2.yaml")
     if state is not None:
-        xai.load_state_dict(state["xai"])
-        optimizer.load_state_dict(state["optimizer"])
-        early.load_state_dict(state["early"])
-        history = {k: list(v) for k, v in state["history"].items()}
-        start_epoch, global_step, elapsed = int(state["epoch"]), int(state["global_step"]), float(state["elapsed"])
+        history, start_epoch, global_step, elapsed = restore_loop_state(state, "xai", xai, optimizer, early)
         best_state, best_epoch = state["best_state"], int(state["best_epoch"])
         stopped_early = bool(state.get("stopped", False))
-        set_rng_state(state["rng"])
         log.info("resumed Stage 2 from %s after %d completed epochs", state_path, start_epoch)
     elif cfg.xai.prototype_mode in ("fixed", "learnable"):
         means = _training_class_means(detector, train_utts, cfg, ctx, progress)
@@ -573,22 +564,9 @@ def train_stage2(
             if ctx.is_main:
                 save_training_state(
                     state_path,
-                    {
-                        "xai": xai.state_dict(),
-                        "optimizer": optimizer.state_dict(),
-                        "early": early.state_dict(),
-                        "history": history,
-                        "epoch": epoch + 1,
-                        "global_step": global_step,
-                        "elapsed": elapsed,
-                        "rng": rng_state(),
-                        "stopped": stopped_early,
-                        "best_state": best_state,
-                        "best_epoch": best_epoch,
-                        "xai_config": config_to_dict(cfg.xai),
-                        "in_dim": in_dim,
-                        "detector_sha256": sha,
-                    },
+                    loop_state("xai", xai, optimizer, early, history, epoch + 1, global_step, elapsed, stopped_early,
+                               best_state=best_state, best_epoch=best_epoch, xai_config=config_to_dict(cfg.xai),
+                               in_dim=in_dim, detector_sha256=sha),
                 )
             ctx.barrier()
             if stopped_early:
@@ -694,25 +672,30 @@ def _loader(utts: Sequence[Utterance], cfg: Stage2Config, crop: int | None) -> D
 
 def _importance_stats(
     xai: LoadedXAI, detector: nn.Module, utts: Sequence[Utterance], cfg: Stage2Config, progress: bool
-) -> dict[str, float]:
-    """Mean w on bona fide vs spoof utterances and the spread of w over all valid frames."""
+) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+    """One pass over ``utts``: mean w on bona fide vs spoof utterances, the spread of w over all
+    valid frames, and the prototype similarities of each class's frames (the similarity figure
+    when there is no partially spoofed subset)."""
     device = next(detector.parameters()).device
     per_utt = {0: [], 1: []}
     frames: list[np.ndarray] = []
+    groups: dict[str, list[np.ndarray]] = {"bona fide utterances": [], "spoof utterances": []}
     for batch in tqdm(_loader(utts, cfg, cfg.data.eval_crop_samples), desc="stage2 importance (dev)", leave=False,
                       disable=not progress):
         if len(batch["labels"]) == 0:
             continue
         out = xai.explain(detector, batch["wave"].to(device), batch["lengths"].to(device))
-        w, m = out.importance.cpu(), out.frame_mask.cpu()
+        w, m, sims = out.importance.cpu(), out.frame_mask.cpu(), out.similarities.cpu()
         for i, y in enumerate(batch["labels"].tolist()):
             wi = w[i][m[i]].numpy()
             frames.append(wi)
             if y in per_utt and wi.size:
                 per_utt[y].append(float(wi.mean()))
+            groups["bona fide utterances" if y == 1 else "spoof utterances"].append(sims[i][m[i]].numpy())
+    similarities = {k: np.concatenate(v) if v else np.zeros((0, 2)) for k, v in groups.items()}
     all_w = np.concatenate(frames) if frames else np.zeros(0)
     if all_w.size == 0:
-        return {}
+        return {}, similarities
     p5, p50, p95 = np.percentile(all_w, [5, 50, 95])
     return {
         "importance_mean_bonafide": float(np.mean(per_utt[1])) if per_utt[1] else float("nan"),
@@ -723,7 +706,7 @@ def _importance_stats(
         "importance_p95": float(p95),
         "importance_frac_above_0_5": float((all_w > 0.5).mean()),
         "importance_num_utts": len(frames),
-    }
+    }, similarities
 
 
 def _partial_localization(
@@ -735,7 +718,7 @@ def _partial_localization(
     """
     from ..data.audio import pad_batch
     from ..explain_eval import load_explanation_set
-    from ..explain_metrics import localization_metrics
+    from ..explain_metrics import localization_metrics, localization_per_attack
 
     if not (getattr(cfg.data, f"partial_{split}_protocol") and getattr(cfg.data, f"partial_{split}_segment_labels")):
         return None
@@ -764,7 +747,7 @@ def _partial_localization(
             weights.append(w)
             sim_scores.append(s[:, 0] - s[:, 1])
             masks.append(mask)
-            attacks.append(str(it.get("attack", "-")))
+            attacks.append(it.get("attack"))
             spoof_frames.append(s[mask])
             bona_frames.append(s[~mask])
     metrics = localization_metrics(weights, masks)
@@ -778,11 +761,7 @@ def _partial_localization(
         "spoof_frame_fraction": float(np.concatenate(masks).mean()),
         "loc_auc_similarity": sim_metrics["loc_auc"],
         # per attack: seen vs unseen attacks differ widely (a detector cannot point at what it misses)
-        "loc_auc_per_attack": {
-            a: localization_metrics([w for w, b in zip(weights, attacks) if b == a],
-                                    [m for m, b in zip(masks, attacks) if b == a])["loc_auc"]
-            for a in sorted(set(attacks))
-        },
+        "loc_auc_per_attack": localization_per_attack(weights, masks, attacks),
     }
     sims = {"bona fide frames": np.concatenate(bona_frames), "spoof-span frames": np.concatenate(spoof_frames)}
     return result, sims
@@ -855,7 +834,8 @@ def stage2_report(
         _loss_figure(hist, fig_dir / "stage2_loss_terms.png")
 
     dev_utts = subsample_utterances(build_split(cfg.data, "dev"), max_dev_utts)
-    metrics.update(_importance_stats(xai, detector, dev_utts, cfg, progress))
+    stats, dev_similarities = _importance_stats(xai, detector, dev_utts, cfg, progress)
+    metrics.update(stats)
 
     metrics["localization"] = {}
     sims_for_figure: dict[str, np.ndarray] | None = None
@@ -870,23 +850,7 @@ def stage2_report(
         if sims_for_figure is None:
             sims_for_figure, sims_title = sims, f"prototype similarities on the partially spoofed {split} subset"
     if sims_for_figure is None:  # no partial subset: whole bona fide vs spoof dev utterances
-        sims_for_figure, sims_title = _utterance_similarities(xai, detector, dev_utts, cfg, progress), \
+        sims_for_figure, sims_title = dev_similarities, \
             "prototype similarities on dev frames (bona fide vs spoof utterances)"
     _similarity_figure(sims_for_figure, sims_title, fig_dir / "stage2_similarity_distributions.png")
     return metrics
-
-
-def _utterance_similarities(
-    xai: LoadedXAI, detector: nn.Module, utts: Sequence[Utterance], cfg: Stage2Config, progress: bool
-) -> dict[str, np.ndarray]:
-    device = next(detector.parameters()).device
-    groups: dict[str, list[np.ndarray]] = {"bona fide utterances": [], "spoof utterances": []}
-    for batch in tqdm(_loader(utts, cfg, cfg.data.eval_crop_samples), desc="stage2 similarities", leave=False,
-                      disable=not progress):
-        if len(batch["labels"]) == 0:
-            continue
-        out = xai.explain(detector, batch["wave"].to(device), batch["lengths"].to(device))
-        for i, y in enumerate(batch["labels"].tolist()):
-            s = out.similarities[i][out.frame_mask[i]].cpu().numpy()
-            groups["bona fide utterances" if y == 1 else "spoof utterances"].append(s)
-    return {k: np.concatenate(v) if v else np.zeros((0, 2)) for k, v in groups.items()}
