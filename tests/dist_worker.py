@@ -22,15 +22,15 @@ SAMPLES = 4000
 
 def _tiny_detector(model_json: Path):
     from xai_lib.config import ModelConfig, config_from_dict
-    from xai_lib.models.detector import Detector
+    from xai_lib.detector.model import Detector
 
     torch.manual_seed(0)  # identical initial weights on every rank
     return Detector(config_from_dict(json.loads(model_json.read_text()), ModelConfig))
 
 
 def grads(out_dir: Path) -> None:
-    from xai_lib.training.common import init_distributed, wrap_ddp
-    from xai_lib.training.stage1 import _weighted_ce
+    from xai_lib.training import init_distributed, wrap_ddp
+    from xai_lib.detector.training import _weighted_ce
 
     ctx = init_distributed("cpu")
     gen = torch.Generator().manual_seed(123)
@@ -49,7 +49,7 @@ def grads(out_dir: Path) -> None:
     torch.save(model.state_dict(), out_dir / f"weights_rank{ctx.rank}.pt")
 
     if ctx.is_main:  # the reference: one process, the whole batch, plain BatchNorm
-        from xai_lib.training.common import DistContext
+        from xai_lib.training import DistContext
 
         single = _tiny_detector(out_dir / "model.json").train()
         ref_loss, _ = _weighted_ce(single(wave).logits, labels, weights, DistContext())
@@ -62,7 +62,7 @@ def grads(out_dir: Path) -> None:
 
 def fail_rank1(argv: list[str]) -> int:
     if os.environ.get("RANK") == "1":
-        import xai_lib.training.stage1 as stage1
+        import xai_lib.detector.training as stage1
 
         def broken(*args, **kwargs):
             raise RuntimeError("injected failure on rank 1")

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from xai_lib.attribution import (
+from xai_lib.explanation.methods import (
     METHODS,
     Attributor,
     FrameAttribution,
@@ -17,7 +17,7 @@ from xai_lib.attribution import (
     pool_to_frames,
 )
 from xai_lib.config import ModelConfig, config_from_dict
-from xai_lib.models.detector import Detector
+from xai_lib.detector.model import Detector
 
 from conftest import tiny_model_dict
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from xai_lib.attribution import METHODS
+from xai_lib.explanation.methods import METHODS
 from xai_lib.bench import METHOD_KEYS, QUALITY_KEYS, check_goals, main, timing_stats
 
 

@@ -11,16 +11,9 @@ import yaml
 from conftest import tiny_model_dict
 
 from xai_lib.config import ModelConfig, config_from_dict
-from xai_lib.models import (
-    CheckpointError,
-    Detector,
-    average_state_dicts,
-    build_ssl,
-    fairseq_to_hf_key,
-    hf_to_fairseq_key,
-    load_detector,
-    save_detector,
-)
+from xai_lib.detector import Detector, average_state_dicts, build_ssl, load_detector, save_detector
+from xai_lib.detector.checkpoint import fairseq_to_hf_key, hf_to_fairseq_key
+from xai_lib.files import CheckpointError
 
 
 def _tiny_detector(seed: int = 0) -> Detector:

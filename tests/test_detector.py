@@ -9,8 +9,8 @@ import torch
 from conftest import tiny_model_dict
 
 from xai_lib.config import ModelConfig, config_from_dict
-from xai_lib.models import Detector, DetectorBackEnd, DetectorOutput, PretrainedNotFoundError, build_ssl
-from xai_lib.models.detector import sinusoidal_positions
+from xai_lib.detector.model import Detector, DetectorBackEnd, DetectorOutput, PretrainedNotFoundError, build_ssl
+from xai_lib.detector.model import sinusoidal_positions
 
 # reference/tcm_backend_keys.tsv (published avg_5_best.pth, emb 144, heads 4, kernel 31,
 # 4 encoders), written out here so the test runs without the reference folder; when the

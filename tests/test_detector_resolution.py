@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-import xai_lib.training.stage2 as stage2
+import xai_lib.importance.training as stage2
 from xai_lib.config import Stage2Config, load_config
-from xai_lib.training.stage2 import NoStage1ModelError, resolve_detector, train_stage2
+from xai_lib.importance.training import NoStage1ModelError, resolve_detector, train_stage2
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""torchrun on CPU (gloo): N processes train and score like one (DESIGN §8).
+"""torchrun on CPU (gloo): N processes train and score like one.
 
 Every test launches ``torchrun --standalone --nproc_per_node 2`` in a subprocess on the tiny
 synthetic corpus and a tiny detector; the single-process references run in this process
@@ -18,7 +18,7 @@ import torch
 import yaml
 
 from conftest import tiny_model_dict
-from xai_lib.metrics import read_score_file
+from xai_lib.detector.metrics import read_score_file
 from xai_lib.train import main as train_main
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not built")
@@ -108,7 +108,7 @@ def test_two_process_training_matches_one_process(runs):
     that drift changes nothing; in eval mode the BatchNorm running mean (an average of past
     batches) lags the drifting bias a little, so eval scores agree to a few 1e-4, not 1e-6.
     """
-    from xai_lib.models.checkpoint import load_detector
+    from xai_lib.detector.checkpoint import load_detector
 
     one, two = (load_detector(runs[k] / "stage1_detector.pth") for k in ("one", "two"))
     r1, r2 = one.load_report.extra, two.load_report.extra

@@ -11,14 +11,14 @@ import torch
 from torch import nn
 
 from xai_lib.config import DataConfig, ModelConfig, config_from_dict
-from xai_lib.explain_eval import (
+from xai_lib.explanation.evaluation import (
     RESULT_KEYS,
     evaluate_methods,
     load_explanation_set,
     representation_score_fn,
 )
-from xai_lib.explain_metrics import localization_metrics
-from xai_lib.models.detector import Detector
+from xai_lib.explanation.metrics import localization_metrics
+from xai_lib.detector.model import Detector
 
 from conftest import tiny_model_dict
 

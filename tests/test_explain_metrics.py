@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from xai_lib.explain_metrics import (
+from xai_lib.explanation.metrics import (
     deletion_insertion,
     localization_metrics,
     random_baseline_importance,

@@ -22,19 +22,19 @@ import pytest
 import torch
 from conftest import tiny_model_dict
 
-from xai_lib.attribution import Attributor
+from xai_lib.explanation.methods import Attributor
 from xai_lib.config import ModelConfig, Stage1Config, Stage2Config, XAIConfig, config_from_dict, load_config
-from xai_lib.models.checkpoint import (
+from xai_lib.detector.checkpoint import (
     CheckpointError,
     hf_to_fairseq_key,
     load_detector,
     safe_torch_load,
     save_detector,
 )
-from xai_lib.models.detector import Detector
-from xai_lib.models.stage2_checkpoint import load_xai, save_xai
-from xai_lib.models.xai import XAIModule
-from xai_lib.training.common import BestCheckpoints, ResumeError, load_training_state, save_training_state
+from xai_lib.detector.model import Detector
+from xai_lib.importance.checkpoint import load_xai, save_xai
+from xai_lib.importance.module import XAIModule
+from xai_lib.training import BestCheckpoints, ResumeError, load_training_state, save_training_state
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -170,8 +170,8 @@ def _corpus_cfg(corpus: Path, schema: type, *overrides: str) -> Any:
 
 def test_poisoned_resume_states_stop_both_trainings_before_any_work(tmp_path, tiny_corpus):
     """A planted last.pth never runs, and neither stage trains or writes its product."""
-    from xai_lib.training.stage1 import train_stage1
-    from xai_lib.training.stage2 import train_stage2
+    from xai_lib.detector.training import train_stage1
+    from xai_lib.importance.training import train_stage2
 
     marker = tmp_path / "payload_ran"
     for stage, train, schema in ((1, train_stage1, Stage1Config), (2, train_stage2, Stage2Config)):
@@ -189,7 +189,7 @@ def test_poisoned_resume_states_stop_both_trainings_before_any_work(tmp_path, ti
 
 
 def test_stage2_refuses_a_poisoned_detector_before_creating_anything(tmp_path, tiny_corpus):
-    from xai_lib.training.stage2 import train_stage2
+    from xai_lib.importance.training import train_stage2
 
     detector, marker = tmp_path / "detector.pth", tmp_path / "payload_ran"
     _own_detector(detector, marker)
@@ -293,7 +293,7 @@ def test_source_never_loads_files_with_a_full_unpickler():
         found, n = _scan(name, code)
         problems += found
         loading += [name] * (n > 0)
-    assert "xai_lib/models/checkpoint.py" in loading  # the scan sees safe_torch_load's torch.load
+    assert "xai_lib/files.py" in loading  # the scan sees safe_torch_load's torch.load
     assert not problems, "unsafe loading:\n" + "\n".join(problems)
 
 
@@ -417,7 +417,7 @@ def _published(model: Detector) -> dict[str, torch.Tensor]:
 
 def test_stage2_detector_config_that_disagrees_with_the_file_fails_before_any_work(tmp_path, tiny_corpus):
     """detector.config says emb_size 32 for a published state dict holding emb_size 16."""
-    from xai_lib.training.stage2 import train_stage2
+    from xai_lib.importance.training import train_stage2
 
     detector = tmp_path / "avg_5_best.pth"
     torch.save(_published(_detector(emb_size=16)), detector)
@@ -447,7 +447,7 @@ def _foreign_stage2_state(tmp_path: Path, tiny_corpus: Path) -> tuple[Path, Stag
 
 
 def test_stage2_resume_state_of_another_detector_dimension_is_refused(tmp_path, tiny_corpus):
-    from xai_lib.training.stage2 import train_stage2
+    from xai_lib.importance.training import train_stage2
 
     run_dir, cfg = _foreign_stage2_state(tmp_path, tiny_corpus)
     with pytest.raises(ResumeError) as err:
@@ -458,7 +458,7 @@ def test_stage2_resume_state_of_another_detector_dimension_is_refused(tmp_path, 
 
 
 def test_a_refused_stage2_resume_leaves_the_run_config_untouched(tmp_path, tiny_corpus):
-    from xai_lib.training.stage2 import train_stage2
+    from xai_lib.importance.training import train_stage2
 
     run_dir, cfg = _foreign_stage2_state(tmp_path, tiny_corpus)
     before = (run_dir / "config_stage2.yaml").read_bytes()
@@ -468,7 +468,7 @@ def test_a_refused_stage2_resume_leaves_the_run_config_untouched(tmp_path, tiny_
 
 
 def test_a_live_writers_temporary_is_never_swept(tmp_path):
-    from xai_lib.models.checkpoint import atomic_torch_save
+    from xai_lib.detector.checkpoint import atomic_torch_save
 
     live = tmp_path / f".model.pth.{os.getpid()}.abc.tmp"  # this process is alive
     live.write_bytes(b"partial")

@@ -21,15 +21,15 @@ import soundfile as sf
 import torch
 from conftest import tiny_model_dict
 
-from xai_lib.attribution import METHODS, Attributor
+from xai_lib.explanation.methods import METHODS, Attributor
 from xai_lib.config import DataConfig, ModelConfig, Stage1Config, XAIConfig, config_from_dict, load_config
 from xai_lib.data.audio import AudioError, crop_or_pad, load_audio
 from xai_lib.data.datasets import EvalDataset, TrainDataset, build_split, collate_padded
 from xai_lib.data.protocols import ProtocolError, Utterance, read_protocol
-from xai_lib.models.detector import Detector
-from xai_lib.models.stage2_checkpoint import load_xai, save_xai
-from xai_lib.models.xai import XAIModule
-from xai_lib.training.stage1 import score_utterances
+from xai_lib.detector.model import Detector
+from xai_lib.importance.checkpoint import load_xai, save_xai
+from xai_lib.importance.module import XAIModule
+from xai_lib.detector.training import score_utterances
 
 SR = 16000
 

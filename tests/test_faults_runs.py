@@ -228,8 +228,8 @@ import torch
 torch.set_num_threads(1)
 from xai_lib.config import ModelConfig, Stage1Config, config_from_dict, load_config
 from xai_lib.data.protocols import Utterance
-from xai_lib.models.detector import Detector
-from xai_lib.training.stage1 import score_utterances
+from xai_lib.detector.model import Detector
+from xai_lib.detector.training import score_utterances
 
 arch = {"ssl": {"hidden_size": 8, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 16,
                 "conv_dim": [4] * 7, "num_conv_pos_embeddings": 8, "num_conv_pos_embedding_groups": 2},

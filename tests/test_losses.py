@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from xai_lib.config import XAIConfig
-from xai_lib.losses import (
+from xai_lib.importance.loss import (
     bonafide_regularization,
     contrastive_loss,
     fidelity_loss,
@@ -20,7 +20,7 @@ from xai_lib.losses import (
     temporal_smoothness,
     xai_loss,
 )
-from xai_lib.models.xai import XAIModule, XAIOutput, class_means
+from xai_lib.importance.module import XAIModule, XAIOutput, class_means
 
 SEED_CFG = XAIConfig(lambda_fidelity=0.0)  # seed weights: tau 0.07, 0.1, 0.1, 0.01
 

@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from xai_lib.metrics import (
+from xai_lib.detector.metrics import (
     ScoreFileError,
     TDCFCostModel,
     compute_det_curve,
-    compute_eer,
+    utterance_eer,
     compute_min_tdcf,
     eer_per_attack,
     read_score_file,
@@ -24,7 +24,7 @@ from xai_lib.metrics import (
 def test_eer_perfect_separation_is_zero_with_threshold_between_classes():
     bona = np.array([2.0, 3.5, 1.2])
     spoof = np.array([-1.0, 0.3, -4.0, 0.9])
-    eer, threshold = compute_eer(bona, spoof)
+    eer, threshold = utterance_eer(bona, spoof)
     assert eer == 0.0
     # everything at or below the threshold is rejected: all spoofs, no bona fide
     assert spoof.max() <= threshold < bona.min()
@@ -32,16 +32,16 @@ def test_eer_perfect_separation_is_zero_with_threshold_between_classes():
 
 def test_eer_identical_distributions_is_half():
     values = np.array([1.0, 2.0, 3.0, 4.0])
-    assert compute_eer(values, values)[0] == pytest.approx(0.5)
+    assert utterance_eer(values, values)[0] == pytest.approx(0.5)
     rng = np.random.default_rng(0)
-    eer, _ = compute_eer(rng.normal(size=4000), rng.normal(size=4000))
+    eer, _ = utterance_eer(rng.normal(size=4000), rng.normal(size=4000))
     assert abs(eer - 0.5) < 0.03
 
 
 def test_eer_hand_computed_case():
     # sorted: 0.1 s, 0.2 s, 0.3 b, 0.7 s, 0.8 b, 0.9 b. Rejecting the 3 lowest scores
     # rejects 1/3 of bona fide and accepts 1/3 of spoofs (0.7): FRR = FAR = 1/3.
-    eer, threshold = compute_eer([0.9, 0.8, 0.3], [0.7, 0.2, 0.1])
+    eer, threshold = utterance_eer([0.9, 0.8, 0.3], [0.7, 0.2, 0.1])
     assert eer == pytest.approx(1 / 3)
     assert threshold == pytest.approx(0.3)
 
@@ -49,17 +49,17 @@ def test_eer_hand_computed_case():
 def test_eer_unequal_rates_takes_mean_at_closest_point():
     # sorted: .1s .2s .3s .5b .6s .9b; |FRR-FAR| is smallest (0.25) first after the
     # three lowest scores: FRR 0, FAR 1/4 -> EER = 0.125 (as the ASVspoof package).
-    eer, _ = compute_eer([0.5, 0.9], [0.1, 0.6, 0.2, 0.3])
+    eer, _ = utterance_eer([0.5, 0.9], [0.1, 0.6, 0.2, 0.3])
     assert eer == pytest.approx(0.125)
 
 
 def test_eer_accepts_torch_and_rejects_nan():
-    eer, _ = compute_eer(torch.tensor([1.0, 2.0]), torch.tensor([-1.0, 0.0]))
+    eer, _ = utterance_eer(torch.tensor([1.0, 2.0]), torch.tensor([-1.0, 0.0]))
     assert eer == 0.0
     with pytest.raises(ValueError, match="non-finite"):
-        compute_eer([1.0, float("nan")], [0.0])
+        utterance_eer([1.0, float("nan")], [0.0])
     with pytest.raises(ValueError, match="empty"):
-        compute_eer([], [0.0])
+        utterance_eer([], [0.0])
 
 
 def test_det_curve_is_monotonic_from_accept_all_to_reject_all():
@@ -144,9 +144,9 @@ def test_eer_per_attack_and_pooled():
     assert list(result) == ["A01", "A02", "pooled"]
     bona = [2.0, 3.0, 4.0]
     assert result["A01"] == 0.0  # A01 is perfectly separated
-    assert result["A02"] == pytest.approx(compute_eer(bona, [3.5, 2.5])[0])
+    assert result["A02"] == pytest.approx(utterance_eer(bona, [3.5, 2.5])[0])
     assert result["A02"] > 0.3
-    assert result["pooled"] == pytest.approx(compute_eer(bona, [-1.0, -2.0, 3.5, 2.5])[0])
+    assert result["pooled"] == pytest.approx(utterance_eer(bona, [-1.0, -2.0, 3.5, 2.5])[0])
 
 
 def test_eer_per_attack_names_the_unlabelled_utterance():

@@ -16,17 +16,17 @@ import yaml
 
 from conftest import tiny_model_dict
 from xai_lib.config import Stage1Config, config_from_dict, config_to_dict, load_config
-from xai_lib.models.checkpoint import average_state_dicts, load_detector
-from xai_lib.models.detector import Detector
-from xai_lib.training import stage1
-from xai_lib.training.common import (
+from xai_lib.detector.checkpoint import average_state_dicts, load_detector
+from xai_lib.detector.model import Detector
+from xai_lib.detector import training as stage1
+from xai_lib.training import (
     BestCheckpoints,
     EarlyStopping,
     NonFiniteLossError,
     ResumeError,
     load_training_state,
 )
-from xai_lib.training.stage1 import STATE_NAME, stage1_report, train_stage1
+from xai_lib.detector.training import STATE_NAME, stage1_report, train_stage1
 
 REPO = Path(__file__).resolve().parent.parent
 

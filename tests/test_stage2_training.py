@@ -14,22 +14,17 @@ import torch
 from conftest import tiny_model_dict
 from torch.utils.data import DataLoader
 
-import xai_lib.training.stage2 as stage2
+import xai_lib.importance.training as stage2
 from xai_lib.config import ModelConfig, Stage1Config, Stage2Config, config_from_dict, load_config
 from xai_lib.data.audio import crop_or_pad, load_audio
 from xai_lib.data.datasets import EvalDataset, build_split, collate_padded
-from xai_lib.models.checkpoint import CheckpointError, load_detector, save_detector
-from xai_lib.models.detector import Detector
-from xai_lib.models.stage2_checkpoint import extract_representation
-from xai_lib.models.xai import XAIModule
-from xai_lib.training.common import ResumeError
-from xai_lib.training.stage2 import (
-    SMOKE_OVERRIDES,
-    evaluate_xai,
-    load_xai,
-    stage2_report,
-    train_stage2,
-)
+from xai_lib.detector.checkpoint import CheckpointError, load_detector, save_detector
+from xai_lib.detector.model import Detector
+from xai_lib.importance.inference import extract_representation
+from xai_lib.importance.module import XAIModule
+from xai_lib.training import ResumeError
+from xai_lib.importance import SMOKE_OVERRIDES, load_xai, stage2_report, train_stage2
+from xai_lib.importance.training import evaluate_xai
 CROP = 8000  # 0.5 s crops: 24 frames
 
 
@@ -206,7 +201,7 @@ def test_checkpoint_loads_weights_only_and_explains_waveforms(ema_run):
     alone = xai.frame_importance(detector, wave[1:, :9000], None)[0]
     torch.testing.assert_close(w[1, : alone.numel()], alone, atol=1e-5, rtol=1e-4)
     # the Stage-3 protocol
-    from xai_lib.attribution import ImportanceModel
+    from xai_lib.explanation.methods import ImportanceModel
 
     assert isinstance(xai, ImportanceModel)
 
@@ -222,7 +217,7 @@ def test_loader_rejects_a_detector_of_another_dimension(ema_run, tmp_path):
 def test_loader_warns_when_the_detector_file_differs(ema_run, tmp_path, caplog):
     other_path = tmp_path / "retrained.pth"
     save_detector(_tiny_detector(seed=1), other_path)  # same architecture, other weights
-    with caplog.at_level(logging.WARNING, logger="xai_lib.models.stage2_checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="xai_lib.importance.checkpoint"):
         load_xai(ema_run["result"].checkpoint, detector=load_detector(other_path))
     assert "is not the one the XAI module" in caplog.text
 
@@ -342,7 +337,7 @@ def _planted_corpus(root: Path) -> dict:
 @pytest.fixture(scope="module")
 def planted_run(tmp_path_factory):
     """A tiny detector trained for a few epochs on a corpus whose spoofs carry a planted artifact."""
-    from xai_lib.training.stage1 import train_stage1
+    from xai_lib.detector.training import train_stage1
 
     base = tmp_path_factory.mktemp("planted")
     data = _planted_corpus(base / "corpus")
@@ -367,7 +362,7 @@ _XAI_VARIANTS = {
 def test_importance_is_higher_inside_spliced_spans(planted_run, tmp_path, variant):
     """Stage 2 sees only utterance labels, yet on bona fide audio with the planted artifact spliced
     into one span its importance is higher inside the span than outside."""
-    from xai_lib.explain_metrics import localization_metrics
+    from xai_lib.explanation.metrics import localization_metrics
 
     data, stage1_dir = planted_run
     run_dir = tmp_path / "run"
@@ -426,7 +421,7 @@ def test_local_context_representation_is_trained_saved_and_applied(tmp_path, tin
 
 def test_smoothing_wider_than_a_third_of_the_crop_is_warned(tmp_path, tiny_corpus, detector_file, caplog):
     cfg = _cfg(tiny_corpus, "xai.importance_smoothing_s=0.3", "training.num_epochs=1")  # 15 of 24 frames
-    with caplog.at_level(logging.WARNING, logger="xai_lib.training.stage2"):
+    with caplog.at_level(logging.WARNING, logger="xai_lib.importance.training"):
         train_stage2(cfg, _run_dir(tmp_path / "s", detector_file), progress=False)
     assert any("importance_smoothing_s=0.3" in r.getMessage() and "of the 25 frames" in r.getMessage()
                for r in caplog.records), [r.getMessage() for r in caplog.records]

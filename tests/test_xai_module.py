@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from xai_lib.config import XAIConfig
-from xai_lib.losses import xai_loss
-from xai_lib.models.xai import (
+from xai_lib.importance.loss import xai_loss
+from xai_lib.importance.module import (
     BONAFIDE_INDEX,
     SPOOF_INDEX,
     ImportanceNetwork,
@@ -286,7 +286,7 @@ def test_state_dict_round_trip_keeps_prototypes_and_mode_keys():
 
 
 def test_importance_smoothing_is_a_masked_moving_average():
-    from xai_lib.models.xai import smoothing_frames
+    from xai_lib.importance.module import smoothing_frames
 
     assert smoothing_frames(0.0) == 1 and smoothing_frames(0.3) == 15 and smoothing_frames(0.2) == 11
     torch.manual_seed(0)

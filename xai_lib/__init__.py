@@ -14,7 +14,7 @@ __all__ = ["load_detector", "__version__"]
 
 def __getattr__(name: str) -> Any:  # lazy: `import xai_lib` stays cheap
     if name == "load_detector":
-        from .models.checkpoint import load_detector
+        from xai_lib.detector.checkpoint import load_detector
 
         return load_detector
     raise AttributeError(f"module 'xai_lib' has no attribute {name!r}")

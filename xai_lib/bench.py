@@ -10,11 +10,11 @@ the README's performance section reports, and writes ``outputs/bench/results.jso
 
 What is measured
 ----------------
-**Attribution methods** (every one of :data:`xai_lib.attribution.METHODS` available), on
+**Attribution methods** (every one of :data:`xai_lib.explanation.methods.METHODS` available), on
 the same partially spoofed eval utterances, in this process:
 
 * quality, once (it is deterministic): deletion / insertion AUC, localisation ROC-AUC and
-  EER, pointing game, through :func:`xai_lib.explain_eval.evaluate_methods`;
+  EER, pointing game, through :func:`xai_lib.explanation.evaluation.evaluate_methods`;
 * cost, ``--repeats`` times: each repetition walks the same length-sorted batches as
   ``evaluate_methods`` and times, per batch, the detector forward pass (no grad; median of
   3 passes, a single pass being short and noisy) and every method's attribution (device
@@ -76,6 +76,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from xai_lib.console import say, say_error
+
 import numpy as np
 
 __all__ = [
@@ -125,13 +127,6 @@ def timing_stats(values: Sequence[float]) -> dict[str, Any]:
     if not vals:
         return {"median": None, "min": None, "max": None, "n": 0, "runs": []}
     return {"median": float(np.median(vals)), "min": min(vals), "max": max(vals), "n": len(vals), "runs": vals}
-
-
-def _sync(device: Any) -> None:
-    import torch
-
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _rss_mb() -> float | None:
@@ -258,7 +253,8 @@ def measure_detector(spec: Mapping[str, Any]) -> dict[str, Any]:
     import torch.nn.functional as F
 
     from xai_lib.config import ModelConfig, config_from_dict
-    from xai_lib.models.detector import Detector
+    from xai_lib.detector.model import Detector
+    from xai_lib.explanation.methods import synchronize
 
     if spec.get("threads"):
         torch.set_num_threads(int(spec["threads"]))
@@ -286,7 +282,7 @@ def measure_detector(spec: Mapping[str, Any]) -> dict[str, Any]:
         opt = opt_cls(params, lr=float(spec.get("lr", 1e-4)), weight_decay=float(spec.get("weight_decay", 0.0)))
         weights = torch.tensor(spec.get("class_weights", [0.1, 0.9]), dtype=torch.float32, device=device)
         for step in range(int(spec["warmup"]) + int(spec["repeats"])):
-            _sync(device)
+            synchronize(device)
             t0 = time.perf_counter()
             with autocast:
                 logits = model(wave).logits  # (B, 2)
@@ -294,18 +290,18 @@ def measure_detector(spec: Mapping[str, Any]) -> dict[str, Any]:
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            _sync(device)
+            synchronize(device)
             if step >= int(spec["warmup"]):
                 seconds.append(time.perf_counter() - t0)
     elif spec["what"] == "infer":
         model.eval()
         with torch.no_grad():
             for rep in range(int(spec["warmup"]) + int(spec["repeats"])):
-                _sync(device)
+                synchronize(device)
                 t0 = time.perf_counter()
                 with autocast:
                     model(wave)
-                _sync(device)
+                synchronize(device)
                 if rep >= int(spec["warmup"]):
                     seconds.append(time.perf_counter() - t0)
     else:
@@ -554,9 +550,9 @@ def bench_methods(
     import torch
     from tqdm.auto import tqdm
 
-    from xai_lib.attribution import Attributor
+    from xai_lib.explanation.methods import Attributor
     from xai_lib.data.audio import pad_batch
-    from xai_lib.explain_eval import evaluate_methods, time_forward
+    from xai_lib.explanation.evaluation import evaluate_methods, time_forward
 
     method_kwargs = {k: dict(v) for k, v in (method_kwargs or {}).items()}
     quality = evaluate_methods(
@@ -623,7 +619,7 @@ def bench_methods(
 
 
 def check_goals(methods: Mapping[str, Mapping[str, Any]], extra: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """The performance goals of issue 3, each ``{"goal", "value", "status": PASS|FAIL|N/A}``."""
+    """The explanation-cost and quality goals, each ``{"goal", "value", "status": PASS|FAIL|N/A}``."""
     imp = methods.get("importance")
     ig = methods.get("integrated_gradients")
 
@@ -733,7 +729,7 @@ def results_markdown(results: Mapping[str, Any]) -> str:
     ]
     for r in results["data"]:
         lines.append(f"| {r['measurement']} | {r['input']} | {_stat(r['value'], 2)} | {r['unit']} | {r.get('note') or ''} |")
-    lines += ["", "### Goal check (issue 3)", ""]
+    lines += ["", "### Goal check", ""]
     for g in results["goals"]:
         lines.append(f"- **{g['status']}** {g['goal']}: {_f(g['value'])} ({g['detail']})")
     if results.get("notes"):
@@ -758,7 +754,7 @@ def _prepare_quick_run(work: Path, device: str, notes: list[str]) -> tuple[Path,
     """Tiny corpus + a tiny detector trained 2 steps + a tiny Stage-2 model trained 2 steps."""
     from xai_lib.config import Stage1Config, Stage2Config, load_config
     from xai_lib.data.synthetic import generate_corpus
-    from xai_lib.training.stage1 import train_stage1
+    from xai_lib.detector.training import train_stage1
 
     corpus = work / "corpus"
     run_dir = work / "run"
@@ -772,7 +768,7 @@ def _prepare_quick_run(work: Path, device: str, notes: list[str]) -> tuple[Path,
                                      "keep_best": 1, "lr": 1e-3, "optimizer": "adamw", "device": device}}, Stage1Config)
     train_stage1(cfg1, run_dir, resume=False, progress=False)
     try:
-        from xai_lib.training.stage2 import train_stage2
+        from xai_lib.importance.training import train_stage2
     except ImportError as exc:
         notes.append(f"Stage 2 unavailable ({exc}); no learned importance.")
         return run_dir, corpus, corpus_s
@@ -832,7 +828,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     """Run every measurement of ``args`` (see :func:`build_parser`); write and return the results."""
     import torch
 
-    from xai_lib.training.common import resolve_device
+    from xai_lib.training import resolve_device
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -847,10 +843,10 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _run_bench(args: argparse.Namespace, out: Path, device: str, threads: int) -> dict[str, Any]:
-    from xai_lib.attribution import METHODS
+    from xai_lib.explanation.methods import METHODS
     from xai_lib.config import config_to_dict
-    from xai_lib.explain_eval import load_explanation_set
-    from xai_lib.models.checkpoint import load_detector
+    from xai_lib.explanation.evaluation import load_explanation_set
+    from xai_lib.detector.checkpoint import load_detector
     from xai_lib.paths import resolve_path
 
     notes: list[str] = []
@@ -890,7 +886,7 @@ def _run_bench(args: argparse.Namespace, out: Path, device: str, threads: int) -
     stage2_path = run_dir / "stage2_xai.pth"
     if stage2_path.is_file():
         try:
-            from xai_lib.training.stage2 import load_xai
+            from xai_lib.importance.checkpoint import load_xai
 
             xai = load_xai(stage2_path, detector=detector, map_location=device)
         except ImportError as exc:
@@ -1037,7 +1033,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                             datefmt="%H:%M:%S")
     if args.repeats < 1 or args.num_utterances < 1 or args.ig_steps < 1:
-        print("error: --repeats, --num-utterances and --ig-steps must be >= 1", file=sys.stderr)
+        say_error("error: --repeats, --num-utterances and --ig-steps must be >= 1")
         return 2
     if args.xlsr_sweep:
         device = "cuda" if args.device == "auto" and _cuda_available() else ("cpu" if args.device == "auto" else args.device)
@@ -1046,12 +1042,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         out.mkdir(parents=True, exist_ok=True)
         (out / "xlsr_sweep.json").write_text(json.dumps({"machine": machine_info(device), "rows": rows}, indent=2))
         for r in rows:
-            print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()))
+            say(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()))
         return 0
     try:
         results = run_bench(args)
     except BenchError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        say_error(f"error: {exc}")
         return 2
     out = Path(args.out)
     sys.stdout.write(results_markdown(results))

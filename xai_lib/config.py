@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import re
 import types
 import typing
@@ -101,7 +100,7 @@ class SSLConfig:
 
 @dataclass
 class ModelConfig:
-    """SSL front end + neck + Conformer-TCM back end (DESIGN §3)."""
+    """SSL front end + neck + Conformer-TCM back end."""
 
     ssl: SSLConfig = field(default_factory=SSLConfig)
     emb_size: int = 144
@@ -126,7 +125,7 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    """Where the data is and how utterances become tensors (DESIGN §2).
+    """Where the data is and how utterances become tensors.
 
     Protocol paths are relative to ``root`` unless absolute. ``format`` is one of
     ``auto``, ``asvspoof2019`` (5 columns), ``3col`` (the original project's),
@@ -239,7 +238,7 @@ class Stage1Config:
 
 @dataclass
 class XAIConfig:
-    """The Stage-2 XAI module (DESIGN §4). Defaults are the seed configuration."""
+    """The Stage-2 XAI module. Defaults are the seed configuration."""
 
     representation: str = "ssl"  # "ssl" (SSL output, the original) | "backend" (Conformer frame tokens)
     # seconds of audio the frozen front end sees when computing h(t): null = the whole utterance (as
@@ -290,7 +289,7 @@ class XAIConfig:
 
 @dataclass
 class DetectorSourceConfig:
-    """Where Stage 2 finds the frozen Stage-1 detector (DESIGN §7)."""
+    """Where Stage 2 finds the frozen Stage-1 detector."""
 
     path: str | None = None  # explicit checkpoint; else run_dir/stage1_detector.pth; else fallback
     fallback: str = "avg_5_best.pth"  # published TCM checkpoint (relative to the working directory)
@@ -528,12 +527,6 @@ def _deep_copy(data: Mapping[str, Any]) -> dict[str, Any]:
 
 def save_config(cfg: Any, path: str | Path) -> Path:
     """Write the resolved config as YAML (used for every run directory)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # a crash leaves the old file whole
-    try:
-        tmp.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    from xai_lib.files import atomic_write_text  # a crash leaves the old file whole
+
+    return atomic_write_text(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))

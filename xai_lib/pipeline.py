@@ -1,7 +1,7 @@
 """The batch pipeline: notebooks 01 → 02 → 03 executed by papermill into one run directory.
 
 ``python -m xai_lib.pipeline`` (console script ``xai-pipeline``) is the one command of
-DESIGN §1: like the original ``train_full_pipeline.sh [--stage1|--stage2]`` it runs the
+Like the original ``train_full_pipeline.sh [--stage1|--stage2]`` it runs the
 three stages in order, each as a papermill execution of its notebook with parameters,
 and saves the executed notebooks (outputs, figures, tracebacks) into the run directory.
 
@@ -62,10 +62,12 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from xai_lib.console import say, say_error
+
 import yaml
 
-from .paths import PROJECT_ROOT
-from .runs import RunDirectory, RunDirectoryError, default_run_dir
+from xai_lib.paths import PROJECT_ROOT
+from xai_lib.runs import RunDirectory, RunDirectoryError, default_run_dir
 
 __all__ = [
     "Stage",
@@ -517,7 +519,7 @@ class _Pipeline:
         }
         record["stages"][st.key] = entry
         run.write_record(record)
-        print(f"==> STAGE {st.number}: {st.title}  [{nb_in.name} -> {nb_out}]", flush=True)
+        say(f"==> STAGE {st.number}: {st.title}  [{nb_in.name} -> {nb_out}]")
         log.info("%s parameters: %s", st.label, params)
         t0 = time.monotonic()
         ok = False
@@ -544,7 +546,7 @@ class _Pipeline:
             entry["duration_s"] = round(time.monotonic() - t0, 3)
             run.write_record(record)
         if ok:
-            print(f"    stage {st.number} ok ({entry['duration_s']:.1f} s)", flush=True)
+            say(f"    stage {st.number} ok ({entry['duration_s']:.1f} s)")
         return ok
 
     @staticmethod
@@ -571,7 +573,7 @@ class _Pipeline:
                 lines.append(f"    | ... ({len(src) - hi} more lines)")
         first = (evalue or "").strip().splitlines()
         lines.append(f"  {ename}: {first[0] if first else ''}" + (" ..." if len(first) > 1 else ""))
-        print("\n".join(lines), file=sys.stderr, flush=True)
+        say_error("\n".join(lines))
 
     def _run_chain(self, run: RunDirectory, record: dict[str, Any], stages: Sequence[Stage],
                    params: Mapping[int, dict[str, Any]], prefix: str = "") -> bool:
@@ -580,8 +582,7 @@ class _Pipeline:
                 self.failed.append(f"{prefix}{st.label}")
                 rest = stages[i + 1:]
                 if rest:
-                    print(f"  not run: {', '.join(s.label for s in rest)} (the chain stops at the failed stage)",
-                          file=sys.stderr, flush=True)
+                    say_error(f"  not run: {', '.join(s.label for s in rest)} (the chain stops at the failed stage)")
                 return False
         return True
 
@@ -616,7 +617,7 @@ class _Pipeline:
                     entry["status"] = "skipped"
             run.write_record(record)
             self._copy_configs(run, chain)
-            print(f"Run directory: {run.path}", flush=True)
+            say(f"Run directory: {run.path}")
             ok = self._run_chain(run, record, chain, plan.params)
             if ok and plan.sweep:
                 ok = self._run_sweep(run, record)
@@ -631,13 +632,13 @@ class _Pipeline:
                     if entry.get("status") == "running":
                         entry["status"] = "failed"
                 self._finish_record(run, record, "interrupted", t0)
-            print(f"interrupted; {run.record_path} records where it stopped", file=sys.stderr)
+            say_error(f"interrupted; {run.record_path} records where it stopped")
             return EXIT_INTERRUPTED
         finally:
             run.release()
         self._print_summary(run, record)
         if not ok:
-            print(f"Pipeline FAILED ({'; '.join(self.failed)}); see {run.record_path}", file=sys.stderr, flush=True)
+            say_error(f"Pipeline FAILED ({'; '.join(self.failed)}); see {run.record_path}")
             return EXIT_STAGE_FAILED
         return EXIT_OK
 
@@ -675,7 +676,7 @@ class _Pipeline:
         for raw, value in values:
             sub = RunDirectory(self._sweep_dir(run, key, raw), command=_command_line(self.argv))
             label = f"{key}={value}"
-            print(f"==> SWEEP {label}  [{sub.path}]", flush=True)
+            say(f"==> SWEEP {label}  [{sub.path}]")
             params = {n: dict(plan.params[n]) for n in (2, 3)}
             for n in (2, 3):
                 decl = plan.declared.get(n, {})
@@ -720,8 +721,8 @@ class _Pipeline:
         md, png = write_sweep_comparison(run.path / "sweep", key, [r for r, _ in values])
         record["sweep"]["comparison"] = {"markdown": str(md), "figure": str(png) if png else None}
         run.write_record(record)
-        print(f"Sweep comparison: {md}" + (f" and {png}" if png else ""), flush=True)
-        print(md.read_text(), flush=True)
+        say(f"Sweep comparison: {md}" + (f" and {png}" if png else ""))
+        say(md.read_text())
         return all_ok
 
     # ------------------------------------------------------------------ summary
@@ -744,7 +745,7 @@ class _Pipeline:
             out.append("  viewer:             make lab  (JupyterLab; the importance viewer is in notebook 03)")
         if metrics:
             out += ["", format_metrics_summary(metrics)]
-        print("\n".join(out), flush=True)
+        say("\n".join(out))
 
 
 def _failing_line(traceback: Sequence[str] | None, exec_count: int | None) -> int | None:
@@ -957,7 +958,7 @@ def _parse_sweep(spec: str, declared02: Mapping[str, Any], declared03: Mapping[s
     if "." not in key and (key in declared02 or key in declared03):
         return key, values, "parameter"
     if "." not in key:
-        from .config import XAIConfig
+        from xai_lib.config import XAIConfig
 
         xai_fields = [f.name for f in dataclasses.fields(XAIConfig)]
         if key not in xai_fields:
@@ -987,7 +988,7 @@ def _config_params(configs: Mapping[int, Path], overrides: Sequence[str]) -> dic
     the runner passes the chosen config's values so that ``configs/demo.yaml`` means what
     it says.
     """
-    from .config import ConfigError, Stage1Config, Stage2Config, load_config
+    from xai_lib.config import ConfigError, Stage1Config, Stage2Config, load_config
 
     out: dict[int, dict[str, Any]] = {}
     for n, schema in ((1, Stage1Config), (2, Stage2Config)):
@@ -1119,12 +1120,12 @@ def _prepare_demo(plan: _Plan, args: argparse.Namespace) -> None:
     if not args.data_root:
         # generate_corpus reuses a complete corpus of the same seed, size and generator
         # version in well under a second, and (re)builds a missing, partial or outdated one
-        from .data.synthetic import generate_corpus
+        from xai_lib.data.synthetic import generate_corpus
 
-        print(f"Demo corpus: {corpus}", flush=True)
+        say(f"Demo corpus: {corpus}")
         t0 = time.monotonic()
         generate_corpus(corpus, seed=0, size="demo", progress=False)
-        print(f"    ready ({time.monotonic() - t0:.1f} s)", flush=True)
+        say(f"    ready ({time.monotonic() - t0:.1f} s)")
     run = RunDirectory(plan.run_dir)
     full = len(plan.stages) == len(STAGES)
     if full and run.path.is_dir() and any(run.path.iterdir()):
@@ -1134,7 +1135,7 @@ def _prepare_demo(plan: _Plan, args: argparse.Namespace) -> None:
         target = run.archive()
         msg = f"kept the previous demo run: {run.path} -> {target}"
         log.info(msg)
-        print(msg, flush=True)
+        say(msg)
 
 
 class _PapermillNoise(logging.Filter):
@@ -1178,10 +1179,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             _prepare_demo(plan, args)
         return _Pipeline(plan, argv).run()
     except PipelineError as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
+        say_error(f"error: {exc}")
         return EXIT_USAGE
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        say_error("interrupted")
         return EXIT_INTERRUPTED
     finally:
         if restore is not None:

@@ -1,4 +1,4 @@
-"""Plot helpers for detection results and frame-level explanations (DESIGN §5).
+"""Plot helpers for detection results and frame-level explanations.
 
 Every helper draws on a given ``ax=`` (a new figure is created when it is ``None``) or
 returns a :class:`~matplotlib.figure.Figure`; none calls ``plt.show()``, so they run
@@ -26,11 +26,12 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 from matplotlib.axes import Axes
+from matplotlib.collections import QuadMesh
 from matplotlib.figure import Figure
 from matplotlib.image import AxesImage
 from matplotlib.lines import Line2D
 
-from xai_lib.metrics import compute_det_curve, compute_eer
+from xai_lib.detector.metrics import compute_det_curve, utterance_eer
 
 __all__ = [
     "ImportanceOverlay",
@@ -112,46 +113,42 @@ def spans_above_threshold(
 # ----------------------------------------------------------------------------- spectrogram
 
 
+SPECTROGRAM_WINDOW_S = 0.025
+SPECTROGRAM_HOP_S = 0.010
+
+
 def compute_spectrogram(
     wave: np.ndarray | torch.Tensor,
     sample_rate: int = 16000,
     kind: str = "logmel",
     n_mels: int = 80,
-) -> tuple[np.ndarray, float]:
-    """Log-mel or linear log-power spectrogram in dB (25 ms window, 10 ms hop).
+) -> tuple[np.ndarray, int]:
+    """Log-mel or linear log-power spectrogram in dB (librosa; 25 ms window, 10 ms hop).
 
     Args:
         wave: ``(N,)`` mono waveform.
         sample_rate: sampling rate in Hz.
         kind: ``"logmel"`` or ``"linear"``.
-        n_mels: mel bands for ``"logmel"``.
+        n_mels: mel bands for ``"logmel"`` (0 Hz to Nyquist).
 
     Returns:
-        ``(spec (F, frames) in dB, y_max)`` where ``y_max`` is ``n_mels`` for log-mel
-        (mel band index axis) and the Nyquist frequency in Hz for linear.
+        ``(spec, hop_length)``: ``spec`` ``(F, frames)`` in dB (80 dB range), ``hop_length``
+        in samples.
     """
-    import torchaudio.transforms as T
+    import librosa
 
     if kind not in ("logmel", "linear"):
         raise ValueError(f"kind must be 'logmel' or 'linear', got {kind!r}.")
-    x = torch.as_tensor(_to_1d(wave, "wave"), dtype=torch.float32)  # (N,)
-    win = max(16, int(round(0.025 * sample_rate)))
-    hop = max(1, int(round(0.010 * sample_rate)))
+    x = _to_1d(wave, "wave").astype(np.float32)  # (N,)
+    win = max(16, int(round(SPECTROGRAM_WINDOW_S * sample_rate)))
+    hop = max(1, int(round(SPECTROGRAM_HOP_S * sample_rate)))
     n_fft = 1 << (win - 1).bit_length()
-    if x.numel() < n_fft:  # reflect padding needs at least n_fft // 2 samples
-        x = torch.nn.functional.pad(x, (0, n_fft - x.numel()))
+    if x.size < n_fft:  # centred frames need at least n_fft samples
+        x = np.pad(x, (0, n_fft - x.size))
+    power = np.abs(librosa.stft(x, n_fft=n_fft, hop_length=hop, win_length=win)) ** 2  # (n_fft/2+1, frames)
     if kind == "logmel":
-        transform = T.MelSpectrogram(
-            sample_rate=sample_rate, n_fft=n_fft, win_length=win, hop_length=hop, n_mels=n_mels
-        )
-        y_max = float(n_mels)
-    else:
-        transform = T.Spectrogram(n_fft=n_fft, win_length=win, hop_length=hop, power=2.0)
-        y_max = sample_rate / 2.0
-    with torch.no_grad():
-        power = transform(x)  # (F, frames)
-        spec = T.AmplitudeToDB(stype="power", top_db=80.0)(power)
-    return spec.numpy(), y_max
+        power = librosa.feature.melspectrogram(S=power, sr=sample_rate, n_mels=n_mels, fmax=sample_rate / 2)
+    return librosa.power_to_db(power, ref=np.max, top_db=80.0), hop
 
 
 def plot_spectrogram(
@@ -161,30 +158,37 @@ def plot_spectrogram(
     kind: str = "logmel",
     n_mels: int = 80,
     cmap: str = "magma",
-) -> AxesImage:
-    """Spectrogram image with time in seconds on the x axis.
+) -> QuadMesh:
+    """Spectrogram drawn by ``librosa.display.specshow``: time (s) and frequency (Hz) axes.
 
     Args:
         wave: ``(N,)`` mono waveform.
         sample_rate: sampling rate in Hz.
         ax: axes to draw on (new figure if ``None``).
-        kind: ``"logmel"`` (y = mel band) or ``"linear"`` (y = Hz).
+        kind: ``"logmel"`` (a mel-spaced frequency axis labelled in Hz) or ``"linear"`` (Hz).
         n_mels: mel bands for ``"logmel"``.
         cmap: colormap.
 
     Returns:
-        The :class:`AxesImage`; its extent is ``[0, N / sample_rate, 0, y_max]``.
+        The :class:`~matplotlib.collections.QuadMesh`; its cells span ``[0, N / sample_rate]``
+        seconds and ``[0, sample_rate / 2]`` Hz.
     """
+    import librosa.display
+
     ax = _new_axes(ax)
-    spec, y_max = compute_spectrogram(wave, sample_rate, kind, n_mels)
+    spec, hop = compute_spectrogram(wave, sample_rate, kind, n_mels)
     duration = _to_1d(wave, "wave").size / sample_rate
-    image = ax.imshow(
-        spec, origin="lower", aspect="auto", cmap=cmap,
-        extent=(0.0, duration, 0.0, y_max), interpolation="nearest",
+    nyquist = sample_rate / 2
+    x_coords = np.linspace(0.0, duration, spec.shape[1] + 1)  # cell edges over the recording (s)
+    y_coords = (librosa.mel_frequencies(spec.shape[0] + 1, fmin=0.0, fmax=nyquist) if kind == "logmel"
+                else np.linspace(0.0, nyquist, spec.shape[0] + 1))  # cell edges (Hz)
+    mesh = librosa.display.specshow(
+        spec, sr=sample_rate, hop_length=hop, x_coords=x_coords, y_coords=y_coords, x_axis="s",
+        y_axis="mel" if kind == "logmel" else "linear", fmax=nyquist, cmap=cmap, ax=ax,
     )
     ax.set_xlabel("time (s)")
-    ax.set_ylabel("mel band" if kind == "logmel" else "frequency (Hz)")
-    return image
+    ax.set_ylabel("frequency (Hz)")
+    return mesh
 
 
 # ----------------------------------------------------------------------------- importance
@@ -196,9 +200,9 @@ class ImportanceOverlay:
 
     Attributes:
         figure: the figure.
-        ax: spectrogram axes (the heat overlay is drawn on it).
-        twin_ax: twin y axis carrying the importance line.
-        spectrogram: the spectrogram image.
+        ax: spectrogram axes (time in s, frequency in Hz).
+        twin_ax: twin y axis carrying the importance heat strip and line (linear scale).
+        spectrogram: the spectrogram mesh.
         overlay_image: the semi-transparent importance image, data ``importance[None, :]``.
         line: the importance line (x = frame centres, y = importance).
         importance: ``(T,)`` the exact importance values drawn (a copy of the input).
@@ -211,7 +215,7 @@ class ImportanceOverlay:
     figure: Figure
     ax: Axes
     twin_ax: Axes
-    spectrogram: AxesImage
+    spectrogram: QuadMesh
     overlay_image: AxesImage
     line: Line2D
     importance: np.ndarray
@@ -261,24 +265,24 @@ def plot_importance_overlay(
         raise ValueError(f"frame_hop_s must be positive, got {frame_hop_s}.")
     values = _to_1d(importance, "importance").copy()  # (T,)
     ax = _new_axes(ax, figsize=(10.0, 3.5))
-    spec_image = plot_spectrogram(wave, sample_rate, ax=ax, kind=kind)
-    y0, y1 = spec_image.get_extent()[2:]
+    spectrogram = plot_spectrogram(wave, sample_rate, ax=ax, kind=kind)
     n_frames = values.size
-    extent = (0.0, n_frames * frame_hop_s, float(y0), float(y1))
-
     vmin, vmax = float(values.min()), float(values.max())
+    if threshold is not None:  # keep the threshold line in view
+        vmin, vmax = min(vmin, float(threshold)), max(vmax, float(threshold))
     if vmax <= vmin:
         vmax = vmin + 1.0
-    overlay_image = ax.imshow(
+    pad = 0.05 * (vmax - vmin)
+    # the importance lives on a twin axis with a linear scale (the spectrogram's is mel)
+    twin = ax.twinx()
+    extent = (0.0, n_frames * frame_hop_s, vmin - pad, vmax + pad)
+    overlay_image = twin.imshow(
         values[None, :], origin="lower", aspect="auto", cmap=cmap, alpha=overlay_alpha,
         extent=extent, vmin=vmin, vmax=vmax, interpolation="nearest", zorder=2,
     )
-
-    twin = ax.twinx()
     centres = (np.arange(n_frames) + 0.5) * frame_hop_s  # (T,)
     (line,) = twin.plot(centres, values, color="white", linewidth=1.5, label=label, zorder=4)
     twin.set_ylabel(label)
-    pad = 0.05 * (vmax - vmin)
     twin.set_ylim(vmin - pad, vmax + pad)
 
     highlighted: list[tuple[float, float]] = []
@@ -300,7 +304,7 @@ def plot_importance_overlay(
     if len(handles) > 1:
         twin.legend(handles, labels, loc="upper right", fontsize="small", framealpha=0.7)
     return ImportanceOverlay(
-        figure=ax.figure, ax=ax, twin_ax=twin, spectrogram=spec_image,
+        figure=ax.figure, ax=ax, twin_ax=twin, spectrogram=spectrogram,
         overlay_image=overlay_image, line=line, importance=values, extent=extent,
         threshold=None if threshold is None else float(threshold),
         highlighted_spans_s=highlighted, spoof_spans_s=spans,
@@ -442,7 +446,7 @@ def plot_deletion_insertion(
 
     Args:
         results: method name -> the dict returned by
-            :func:`xai_lib.explain_metrics.deletion_insertion`.
+            :func:`xai_lib.explanation.metrics.deletion_insertion`.
         ax: a pair of axes ``(deletion_ax, insertion_ax)``; new figure if ``None``.
 
     Returns:
@@ -497,7 +501,7 @@ def plot_det_curve(
     from scipy.stats import norm
 
     frr, far, _ = compute_det_curve(bona_scores, spoof_scores)
-    eer, _ = compute_eer(bona_scores, spoof_scores)
+    eer, _ = utterance_eer(bona_scores, spoof_scores)
     ax = _new_axes(ax, figsize=(4.5, 4.5))
     eps = 1e-4
     to_dev = lambda p: norm.ppf(np.clip(p, eps, 1 - eps))  # noqa: E731

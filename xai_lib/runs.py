@@ -1,6 +1,6 @@
 """Run directories: one exclusive owner at a time, a ``run.json`` record, no silent overwrite.
 
-A run directory (``outputs/<run>/``, DESIGN §7) holds everything of one run. Two
+A run directory (``outputs/<run>/``) holds everything of one run. Two
 processes must never write into the same one at the same time, so a process that works
 in it holds ``run_dir/.lock``:
 
@@ -37,6 +37,8 @@ from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Mapping
+
+from xai_lib.files import atomic_write_text
 
 __all__ = [
     "RunDirectoryError",
@@ -430,10 +432,7 @@ class RunDirectory:
 
 
 def _atomic_write_json(path: Path, data: Mapping[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(data, indent=2, default=str) + "\n")
 
 
 def default_run_dir(base: str | Path = "outputs", suffix: str = "run") -> Path:

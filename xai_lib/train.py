@@ -1,4 +1,4 @@
-"""Training and scoring entry points that run single-process or under torchrun (DESIGN §8).
+"""Training and scoring entry points that run single-process or under torchrun.
 
 Examples::
 
@@ -25,7 +25,8 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import sys
+
+from xai_lib.console import say_error
 
 from torch.distributed.elastic.multiprocessing.errors import record
 
@@ -44,7 +45,7 @@ def _parser() -> argparse.ArgumentParser:
         s.add_argument("--override", "-o", action="append", default=[], help="dotted override key=value (repeatable)")
         s.add_argument("--no-resume", action="store_true", help="start from scratch even if a resumable state exists")
         if name == "stage2":
-            s.add_argument("--detector", default=None, help="Stage-1 checkpoint (default: resolution order of DESIGN §7)")
+            s.add_argument("--detector", default=None, help="Stage-1 checkpoint (default: resolution order in docs/architecture.md)")
     sc = sub.add_parser("score", help="score a protocol split into an ASVspoof score file (sharded under torchrun)")
     sc.add_argument("--checkpoint", required=True)
     sc.add_argument("--config", default="configs/demo.yaml", help="Stage-1 YAML giving the data section")
@@ -56,12 +57,12 @@ def _parser() -> argparse.ArgumentParser:
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Errors a user causes (bad config, path, data, checkpoint): reported without a traceback."""
-    from .config import ConfigError
-    from .data.audio import AudioError
-    from .data.protocols import MissingAudioError, ProtocolError
-    from .models.checkpoint import CheckpointError
-    from .models.detector import PretrainedNotFoundError
-    from .training.common import NonFiniteLossError, ResumeError
+    from xai_lib.config import ConfigError
+    from xai_lib.data.audio import AudioError
+    from xai_lib.data.protocols import MissingAudioError, ProtocolError
+    from xai_lib.files import CheckpointError
+    from xai_lib.detector.model import PretrainedNotFoundError
+    from xai_lib.training import NonFiniteLossError, ResumeError
 
     return (ConfigError, AudioError, MissingAudioError, ProtocolError, CheckpointError, PretrainedNotFoundError,
             NonFiniteLossError, ResumeError)
@@ -77,14 +78,14 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.INFO if rank == 0 else logging.WARNING,
         format=f"%(asctime)s %(levelname)s{tag} %(name)s: %(message)s",
     )
-    from .config import Stage1Config, Stage2Config, load_config
-    from .paths import resolve_path
-    from .training.common import init_distributed
+    from xai_lib.config import Stage1Config, Stage2Config, load_config
+    from xai_lib.paths import resolve_path
+    from xai_lib.training import init_distributed
 
     ctx = init_distributed("auto")
     try:
         if args.command == "stage1":
-            from .training.stage1 import train_stage1
+            from xai_lib.detector.training import train_stage1
 
             cfg = load_config(resolve_path(args.config), Stage1Config, args.override)
             cfg.data.root = str(resolve_path(cfg.data.root))
@@ -92,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
             if ctx.is_main:
                 log.info("Stage 1 done: %s (%d epochs)", res.checkpoint, res.epochs_completed)
         elif args.command == "stage2":
-            from .training.stage2 import train_stage2
+            from xai_lib.importance.training import train_stage2
 
             cfg = load_config(resolve_path(args.config), Stage2Config, args.override)
             cfg.data.root = str(resolve_path(cfg.data.root))
@@ -100,10 +101,10 @@ def main(argv: list[str] | None = None) -> int:
             if ctx.is_main:
                 log.info("Stage 2 done: %s", res.checkpoint)
         else:
-            from .data.datasets import build_split
-            from .metrics import write_score_file
-            from .models.checkpoint import load_detector
-            from .training.stage1 import score_utterances
+            from xai_lib.data.datasets import build_split
+            from xai_lib.detector.metrics import write_score_file
+            from xai_lib.detector.checkpoint import load_detector
+            from xai_lib.detector.training import score_utterances
 
             cfg = load_config(resolve_path(args.config), Stage1Config, args.override)
             cfg.data.root = str(resolve_path(cfg.data.root))
@@ -116,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
                 log.info("wrote %d scores to %s", len(order), args.out)
     except Exception as exc:  # one clear line per rank, then a non-zero exit
         where = f"[rank {ctx.rank}] " if ctx.distributed else ""
-        print(f"{where}{type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+        say_error(f"{where}{type(exc).__name__}: {exc}")
         if isinstance(exc, _user_errors()):
             return 2  # the message says what to fix; a traceback would only bury it
         raise

@@ -13,7 +13,7 @@ executed outside the browser), opens the copy in JupyterLab, runs all cells from
 
 Screenshots go to the test's output folder and to ``outputs/e2e/``.
 
-While notebook 03 or ``xai_lib.viewer`` do not exist yet, the same browser checks run on a
+While notebook 03 or ``xai_lib.explanation.viewer`` do not exist yet, the same browser checks run on a
 stand-in notebook (a minimal ipywidgets UI written by this test) so that the harness stays
 verified; set ``XAI_E2E_STANDIN=1`` to force the stand-in.
 """

@@ -1,4 +1,4 @@
-"""Data layer (DESIGN §2): protocol readers, audio loading, RawBoost, datasets, synthetic corpus.
+"""Data layer: protocol readers, audio loading, RawBoost, datasets, synthetic corpus.
 
 Submodules:
     protocols  -- ASVspoof 2019/2021, 3-column, In-the-Wild and PartialSpoof protocol readers,

@@ -19,10 +19,10 @@ import soundfile as sf
 import torch
 from torch.utils.data import Dataset
 
-from ..config import DataConfig
-from .audio import EMPTY_FILE, AudioError, crop_or_pad, load_audio, pad_batch, splice
-from .protocols import ProtocolError, Utterance, check_files_exist, load_segment_labels, read_protocol
-from .rawboost import rawboost
+from xai_lib.config import DataConfig
+from xai_lib.data.audio import EMPTY_FILE, AudioError, crop_or_pad, load_audio, pad_batch, splice
+from xai_lib.data.protocols import ProtocolError, Utterance, check_files_exist, load_segment_labels, read_protocol
+from xai_lib.data.rawboost import rawboost
 
 __all__ = [
     "TrainDataset",

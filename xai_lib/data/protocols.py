@@ -1,4 +1,4 @@
-"""Protocol (trial list) readers for the anti-spoofing databases of DESIGN §2.
+"""Protocol (trial list) readers for the anti-spoofing databases (docs/architecture.md, "Data").
 
 Every reader returns a list of :class:`Utterance` (id, audio path, label, attack, speaker).
 Supported formats (``format=`` of :func:`read_protocol`, or ``"auto"`` to detect from the

@@ -70,7 +70,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 from scipy import fft as sp_fft
 from scipy import ndimage, signal
 
-from .audio import splice
+from xai_lib.data.audio import splice
 
 __all__ = [
     "SAMPLE_RATE",

@@ -1,4 +1,4 @@
-"""The Stage-2 XAI module: a per-frame importance network and two class prototypes (DESIGN §4).
+"""The Stage-2 XAI module: a per-frame importance network and two class prototypes.
 
 The module works on frame representations ``h`` of the *frozen* detector (SSL output or
 back-end frame tokens), never on audio, so it is a pure torch module::
@@ -9,7 +9,7 @@ back-end frame tokens), never on audio, so it is a pure torch module::
     out.similarities                    # (B, T, 2) cosine to [p_spoof, p_bona]
     out.utterance_logits                # (B, 2)    [spoof, bona fide] / temperature
 
-**Class index order** (everywhere in this module and in :mod:`xai_lib.losses`):
+**Class index order** (everywhere in this module and in :mod:`xai_lib.importance.loss`):
 index 0 = spoof, index 1 = bona fide, matching the detector's logits (column 1 = bona fide)
 and the label convention ``1 = bona fide, 0 = spoof``; a label is therefore directly the
 column index of its class.

@@ -1,4 +1,4 @@
-"""Stage 2: train the XAI module on the frozen Stage-1 detector (DESIGN §4, §7).
+"""Stage 2: train the XAI module on the frozen Stage-1 detector.
 
 ::
 
@@ -10,27 +10,24 @@ What happens:
 
 1. **The detector** is found by :func:`resolve_detector` (explicit path, else
    ``run_dir/stage1_detector.pth``, else the ``avg_5_best.pth`` fallback), loaded strictly
-   (:func:`~xai_lib.models.checkpoint.load_detector`; ``detector.config`` gives the
+   (:func:`~xai_lib.detector.checkpoint.load_detector`; ``detector.config`` gives the
    architecture of a published state dict), every parameter frozen and kept in ``eval()``
    for the whole stage (no dropout, no BatchNorm statistics updates): its weights are
    bit-identical afterwards.
 2. **The representation** ``h(t)`` is ``xai.representation``: the SSL output (``ssl``, what
    the original used) or the back end's frame tokens (``backend``), both computed without
-   gradient (:func:`~xai_lib.models.stage2_checkpoint.extract_representation`). The
+   gradient (:func:`~xai_lib.importance.checkpoint.extract_representation`). The
    fidelity term always keeps/removes frames of the back end's *input* (the SSL features,
    through ``detector.backend(ssl, mask, frame_weights=...)``): for ``backend``, ``w`` is
    read from the frame tokens and applied to the same frame index of the back end's input.
 3. **Prototypes**: ``fixed`` = the class means over the training set, computed once before
-   training (:func:`~xai_lib.models.xai.class_means` over the deterministic first crop of
+   training (:func:`~xai_lib.importance.module.class_means` over the deterministic first crop of
    every training utterance); ``learnable`` = initialised from the same class means, then
-   trained (measured on the demo corpus: frame-level localisation ROC-AUC of ``w`` on the
-   partially spoofed dev/eval subsets 0.611/0.599 from class means vs 0.601/0.590 from a
-   random start, prototype-similarity AUC 0.633/0.625 vs 0.619/0.616; a random start must
-   first find the classes);
+   trained;
    ``ema`` = set from the first training batch holding each class, then updated after
    every optimiser step from training batches only (never from dev/eval data: the update
    is a no-op outside training mode).
-4. **Training**: :func:`~xai_lib.losses.xai_loss` (collapse-proof contrastive term, bona fide
+4. **Training**: :func:`~xai_lib.importance.loss.xai_loss` (collapse-proof contrastive term, bona fide
    regularisation, temporal smoothness, sparsity, fidelity), AdamW, fixed-length crops
    (``data.crop_samples``, seeded positions, no RawBoost: the explanation is of the
    detector's clean input), early stopping on the dev loss, the best-dev-loss weights kept,
@@ -38,7 +35,7 @@ What happens:
    ``run_dir/checkpoints/stage2/last.pth``. Under ``torchrun`` the XAI module is wrapped in
    DistributedDataParallel (the frozen detector is not), each rank reads its shard, and
    class means / EMA updates are reduced over ranks.
-5. **The product** ``run_dir/stage2_xai.pth`` (:func:`~xai_lib.models.stage2_checkpoint.save_xai`):
+5. **The product** ``run_dir/stage2_xai.pth`` (:func:`~xai_lib.importance.checkpoint.save_xai`):
    tensors + config + the detector's path and SHA-256; loads with ``weights_only=True``.
 """
 from __future__ import annotations
@@ -50,7 +47,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -58,23 +54,18 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm.auto import tqdm
 
-from ..config import ConfigError, Stage2Config, config_to_dict, save_config
-from ..data.datasets import EvalDataset, TrainDataset, build_split, collate_padded
-from ..data.protocols import Utterance
-from ..losses import fidelity_probabilities, xai_loss
-from ..models.checkpoint import load_detector
-from ..models.detector import Detector
-from ..models.stage2_checkpoint import (
-    LoadedXAI,
-    extract_representation,
-    file_sha256,
-    load_xai,
-    representation_dim,
-    save_xai,
-)
-from ..models.xai import SPOOF_INDEX, XAIModule, class_means, smoothing_frames
-from ..paths import PROJECT_ROOT, resolve_path
-from .common import (
+from xai_lib.config import ConfigError, Stage2Config, config_to_dict, save_config
+from xai_lib.data.datasets import EvalDataset, TrainDataset, build_split, collate_padded
+from xai_lib.data.protocols import Utterance
+from xai_lib.importance.loss import fidelity_probabilities, xai_loss
+from xai_lib.detector.checkpoint import load_detector
+from xai_lib.detector.model import Detector
+from xai_lib.files import file_sha256
+from xai_lib.importance.checkpoint import save_xai
+from xai_lib.importance.inference import extract_representation, representation_dim
+from xai_lib.importance.module import SPOOF_INDEX, XAIModule, class_means, smoothing_frames
+from xai_lib.paths import PROJECT_ROOT, resolve_path
+from xai_lib.training import (
     DistContext,
     EarlyStopping,
     ResumeError,
@@ -92,14 +83,10 @@ __all__ = [
     "LOSS_TERMS",
     "NoStage1ModelError",
     "Stage2Result",
-    "LoadedXAI",
     "resolve_detector",
     "load_frozen_detector",
-    "extract_representation",
     "train_stage2",
     "evaluate_xai",
-    "load_xai",
-    "stage2_report",
 ]
 
 log = logging.getLogger(__name__)
@@ -125,7 +112,7 @@ SMOKE_OVERRIDES = [
 
 
 class NoStage1ModelError(FileNotFoundError):
-    """No Stage-1 detector was found where Stage 2 looks for one (DESIGN §7)."""
+    """No Stage-1 detector was found where Stage 2 looks for one."""
 
 
 def _fallback_candidates(fallback: str | Path) -> list[Path]:
@@ -141,7 +128,7 @@ def _fallback_candidates(fallback: str | Path) -> list[Path]:
 
 
 def resolve_detector(explicit: str | Path | None, run_dir: str | Path, fallback: str | Path = "avg_5_best.pth") -> Path:
-    """Find the Stage-1 detector Stage 2 explains (DESIGN §7).
+    """Find the Stage-1 detector Stage 2 explains.
 
     Order: ``explicit`` (must exist), else ``run_dir/stage1_detector.pth``, else ``fallback``
     (a relative fallback is looked up in the current directory, then the project root).
@@ -627,230 +614,3 @@ def _assert_unchanged(detector: nn.Module, reference: dict[str, Tensor], path: P
         raise RuntimeError(f"internal error: Stage 2 modified the frozen detector {path}: {', '.join(changed[:10])}")
     if detector.training:
         raise RuntimeError("internal error: the frozen detector left eval() mode during Stage 2")
-
-
-# ----------------------------------------------------------------------------- report
-
-
-def _loss_figure(history: dict[str, list[float]], path: Path) -> None:
-    import matplotlib.pyplot as plt
-
-    from .. import plots
-
-    fig, axes = plt.subplots(2, 3, figsize=(12, 6))
-    for ax, term in zip(axes.ravel(), LOSS_TERMS):
-        plots.plot_loss_curves({f"train {term}": history.get(f"train_{term}", []),
-                                f"dev {term}": history.get(f"dev_{term}", [])}, ax=ax)
-        ax.set_title(term if term != "total" else "total (weighted objective)")
-        ax.set_ylabel("loss")
-    fig.suptitle("Stage 2 loss terms per epoch (unweighted)")
-    fig.tight_layout()
-    plots.save_figure(fig, path)
-
-
-def _similarity_figure(sims: dict[str, np.ndarray], title: str, path: Path) -> None:
-    import matplotlib.pyplot as plt
-
-    from .. import plots
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
-    for ax, (proto, col) in zip(axes, (("p_spoof", 0), ("p_bona", 1))):
-        data = {name: v[:, col] for name, v in sims.items() if v.size}
-        if data:
-            plots.plot_similarity_distributions(data, ax=ax)
-        ax.set_title(f"cosine similarity to {proto}")
-    fig.suptitle(title)
-    fig.tight_layout()
-    plots.save_figure(fig, path)
-
-
-def _loader(utts: Sequence[Utterance], cfg: Stage2Config, crop: int | None) -> DataLoader:
-    ds = EvalDataset(list(utts), sample_rate=cfg.data.sample_rate, crop_samples=crop, on_bad_audio=cfg.data.on_bad_audio)
-    return DataLoader(ds, batch_size=cfg.training.eval_batch_size, shuffle=False, collate_fn=collate_padded,
-                      num_workers=cfg.data.num_workers)
-
-
-def _importance_stats(
-    xai: LoadedXAI, detector: nn.Module, utts: Sequence[Utterance], cfg: Stage2Config, progress: bool
-) -> tuple[dict[str, float], dict[str, np.ndarray]]:
-    """One pass over ``utts``: mean w on bona fide vs spoof utterances, the spread of w over all
-    valid frames, and the prototype similarities of each class's frames (the similarity figure
-    when there is no partially spoofed subset)."""
-    device = next(detector.parameters()).device
-    per_utt = {0: [], 1: []}
-    frames: list[np.ndarray] = []
-    groups: dict[str, list[np.ndarray]] = {"bona fide utterances": [], "spoof utterances": []}
-    for batch in tqdm(_loader(utts, cfg, cfg.data.eval_crop_samples), desc="stage2 importance (dev)", leave=False,
-                      disable=not progress):
-        if len(batch["labels"]) == 0:
-            continue
-        out = xai.explain(detector, batch["wave"].to(device), batch["lengths"].to(device))
-        w, m, sims = out.importance.cpu(), out.frame_mask.cpu(), out.similarities.cpu()
-        for i, y in enumerate(batch["labels"].tolist()):
-            wi = w[i][m[i]].numpy()
-            frames.append(wi)
-            if y in per_utt and wi.size:
-                per_utt[y].append(float(wi.mean()))
-            groups["bona fide utterances" if y == 1 else "spoof utterances"].append(sims[i][m[i]].numpy())
-    similarities = {k: np.concatenate(v) if v else np.zeros((0, 2)) for k, v in groups.items()}
-    all_w = np.concatenate(frames) if frames else np.zeros(0)
-    if all_w.size == 0:
-        return {}, similarities
-    p5, p50, p95 = np.percentile(all_w, [5, 50, 95])
-    return {
-        "importance_mean_bonafide": float(np.mean(per_utt[1])) if per_utt[1] else float("nan"),
-        "importance_mean_spoof": float(np.mean(per_utt[0])) if per_utt[0] else float("nan"),
-        "importance_std": float(all_w.std()),
-        "importance_p05": float(p5),
-        "importance_p50": float(p50),
-        "importance_p95": float(p95),
-        "importance_frac_above_0_5": float((all_w > 0.5).mean()),
-        "importance_num_utts": len(frames),
-    }, similarities
-
-
-def _partial_localization(
-    xai: LoadedXAI, detector: nn.Module, cfg: Stage2Config, split: str, progress: bool
-) -> tuple[dict[str, float], dict[str, np.ndarray]] | None:
-    """Localisation metrics of w (and of the prototype similarities) on the partial ``split``.
-
-    Returns None when the partially spoofed subset is not configured or not on disk.
-    """
-    from ..data.audio import pad_batch
-    from ..explain_eval import load_explanation_set
-    from ..explain_metrics import localization_metrics, localization_per_attack
-
-    if not (getattr(cfg.data, f"partial_{split}_protocol") and getattr(cfg.data, f"partial_{split}_segment_labels")):
-        return None
-    try:
-        items = load_explanation_set(cfg.data, split, detector=detector)
-    except (FileNotFoundError, ValueError) as exc:  # ProtocolError/MissingAudioError: not available here
-        log.warning("no localisation on the partially spoofed %s subset: %s", split, exc)
-        return None
-    if not items:
-        return None
-    device = next(detector.parameters()).device
-    weights, sim_scores, masks, attacks = [], [], [], []
-    bona_frames, spoof_frames = [], []
-    bs = cfg.training.eval_batch_size
-    for start in tqdm(range(0, len(items), bs), desc=f"stage2 localisation ({split})", leave=False,
-                      disable=not progress):
-        chunk = items[start : start + bs]
-        wave, lengths = pad_batch([torch.as_tensor(it["wave"]) for it in chunk])
-        out = xai.explain(detector, wave.to(device), lengths.to(device))
-        for i, it in enumerate(chunk):
-            n = int(out.frame_mask[i].sum())
-            w = out.importance[i, :n].cpu().numpy()
-            s = out.similarities[i, :n].cpu().numpy()  # (n, 2): spoof, bona
-            mask = np.asarray(it["spoof_mask"], dtype=bool)[:n]
-            s = s[: mask.size]
-            weights.append(w)
-            sim_scores.append(s[:, 0] - s[:, 1])
-            masks.append(mask)
-            attacks.append(it.get("attack"))
-            spoof_frames.append(s[mask])
-            bona_frames.append(s[~mask])
-    metrics = localization_metrics(weights, masks)
-    sim_metrics = localization_metrics(sim_scores, masks)
-    result = {
-        "loc_auc": metrics["loc_auc"],
-        "loc_eer": metrics["loc_eer"],
-        "pointing_game": metrics["pointing_game"],
-        "n_utts": len(items),
-        "n_frames": metrics["n_frames"],
-        "spoof_frame_fraction": float(np.concatenate(masks).mean()),
-        "loc_auc_similarity": sim_metrics["loc_auc"],
-        # per attack: seen vs unseen attacks differ widely (a detector cannot point at what it misses)
-        "loc_auc_per_attack": localization_per_attack(weights, masks, attacks),
-    }
-    sims = {"bona fide frames": np.concatenate(bona_frames), "spoof-span frames": np.concatenate(spoof_frames)}
-    return result, sims
-
-
-def stage2_report(
-    result: Stage2Result,
-    cfg: Stage2Config,
-    run_dir: str | Path,
-    progress: bool = True,
-    max_dev_utts: int | None = 1000,
-) -> dict[str, Any]:
-    """Evaluate a trained Stage-2 module; the values for ``metrics.json["stage2"]``.
-
-    Measures, with the saved (best-dev-loss) module on its frozen detector:
-
-    * the final loss terms (train and dev) and the best dev loss;
-    * ``importance_mean_bonafide`` / ``importance_mean_spoof``: mean ``w`` per utterance on the
-      dev split, averaged per class (bona fide should be low);
-    * the spread of ``w`` over all valid dev frames (std, 5/50/95th percentiles, fraction
-      above 0.5): evidence that the importance did not collapse to a constant;
-    * localisation of the spliced spans of the partially spoofed dev and eval subsets:
-      frame-level ROC-AUC and EER of ``w`` against the ground-truth spoof frames, the
-      pointing game, and the ROC-AUC of the prototype evidence ``cos(h, p_spoof) - cos(h, p_bona)``.
-
-    Figures: ``run_dir/figures/stage2_loss_terms.png`` (every term per epoch, train and dev)
-    and ``stage2_similarity_distributions.png`` (prototype similarities on bona fide frames vs
-    spoof-span frames of the partially spoofed dev subset; dev bona fide vs spoof utterances
-    when no partial subset exists).
-
-    Args:
-        result: what :func:`train_stage2` returned.
-        cfg: the same config.
-        run_dir: the run directory (figures go to ``run_dir/figures``).
-        progress: show tqdm progress bars.
-        max_dev_utts: at most this many dev utterances (stratified, seeded) for the ``w``
-            statistics; ``None`` = all.
-
-    Returns:
-        A JSON-serialisable dict; scalars at the top level, per-term losses under
-        ``final_losses``, localisation per subset under ``localization``.
-    """
-    from ..data.datasets import subsample_utterances
-
-    run_dir = Path(run_dir)
-    fig_dir = run_dir / "figures"
-    device = torch.device("cuda" if torch.cuda.is_available() and cfg.training.device != "cpu" else "cpu")
-    detector = load_frozen_detector(result.detector_path, cfg.detector.config, device)
-    xai = load_xai(result.checkpoint, detector=detector)
-    hist = result.history
-    metrics: dict[str, Any] = {
-        "checkpoint": str(result.checkpoint),
-        "detector": str(result.detector_path),
-        "detector_sha256": result.detector_sha256,
-        "representation": xai.representation,
-        "prototype_mode": xai.config.prototype_mode,
-        "lambda_fidelity": xai.config.lambda_fidelity,
-        "epochs_completed": result.epochs_completed,
-        "best_epoch": result.best_epoch,
-        "stopped_early": result.stopped_early,
-        "train_seconds": result.train_seconds,
-        "final_losses": {
-            split: {k: hist[f"{split}_{k}"][-1] for k in LOSS_TERMS if hist.get(f"{split}_{k}")}
-            for split in ("train", "dev")
-        },
-    }
-    if result.best_epoch and hist.get("dev_total"):
-        metrics["dev_loss"] = hist["dev_total"][result.best_epoch - 1]
-    if hist:
-        _loss_figure(hist, fig_dir / "stage2_loss_terms.png")
-
-    dev_utts = subsample_utterances(build_split(cfg.data, "dev"), max_dev_utts)
-    stats, dev_similarities = _importance_stats(xai, detector, dev_utts, cfg, progress)
-    metrics.update(stats)
-
-    metrics["localization"] = {}
-    sims_for_figure: dict[str, np.ndarray] | None = None
-    for split in ("dev", "eval"):
-        found = _partial_localization(xai, detector, cfg, split, progress)
-        if found is None:
-            continue
-        loc, sims = found
-        metrics["localization"][f"partial_{split}"] = loc
-        for key in ("loc_auc", "loc_eer", "pointing_game"):
-            metrics[f"{key}_partial_{split}"] = loc[key]
-        if sims_for_figure is None:
-            sims_for_figure, sims_title = sims, f"prototype similarities on the partially spoofed {split} subset"
-    if sims_for_figure is None:  # no partial subset: whole bona fide vs spoof dev utterances
-        sims_for_figure, sims_title = dev_similarities, \
-            "prototype similarities on dev frames (bona fide vs spoof utterances)"
-    _similarity_figure(sims_for_figure, sims_title, fig_dir / "stage2_similarity_distributions.png")
-    return metrics

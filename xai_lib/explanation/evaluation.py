@@ -1,14 +1,14 @@
-"""Evaluate every attribution method on the same utterances (DESIGN §6).
+"""Evaluate every attribution method on the same utterances.
 
-For each method of :data:`xai_lib.attribution.METHODS` (the learned importance, the captum
+For each method of :data:`xai_lib.explanation.methods.METHODS` (the learned importance, the captum
 baselines, attention rollout and the random floor) :func:`evaluate_methods` measures
 
 * **faithfulness**: deletion and insertion curves of the frozen detector's spoof
-  probability (:func:`xai_lib.explain_metrics.deletion_insertion`) on the utterances
+  probability (:func:`xai_lib.explanation.metrics.deletion_insertion`) on the utterances
   the detector is asked to explain as spoof (``target = 0``; every item whose label is
   not bona fide);
 * **localization** on items with a ground-truth spoof mask: pooled frame ROC-AUC, EER and
-  the pointing game (:func:`xai_lib.explain_metrics.localization_metrics`);
+  the pointing game (:func:`xai_lib.explanation.metrics.localization_metrics`);
 * **cost**: attribution milliseconds per utterance and the ratio to one detector forward
   pass per utterance, timed in the same run on the same batches.
 
@@ -50,9 +50,9 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from xai_lib.attribution import METHODS, Attributor, ImportanceModel
+from xai_lib.explanation.methods import METHODS, Attributor, ImportanceModel, synchronize
 from xai_lib.data.audio import load_audio, pad_batch
-from xai_lib.explain_metrics import deletion_insertion, localization_metrics, localization_per_attack
+from xai_lib.explanation.metrics import deletion_insertion, localization_metrics, localization_per_attack
 
 __all__ = [
     "ExplanationItem",
@@ -77,6 +77,7 @@ RESULT_KEYS: tuple[str, ...] = (
     "insertion_curve",
     "fractions",
     "loc_auc_per_attack",
+    "attributions",
 )
 
 
@@ -152,11 +153,6 @@ def representation_score_fn(
 
 
 # ----------------------------------------------------------------------------- evaluation
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _check_items(items: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
@@ -237,8 +233,9 @@ def evaluate_methods(
         detector forward per utterance), ``deletion_curve``/``insertion_curve`` (mean
         curves, lists of ``steps + 1`` floats, ``None`` without faithfulness items) and
         ``fractions`` (their x axis), ``loc_auc_per_attack`` (``{attack: loc_auc}`` over the
-        items with a spoof mask, by their ``attack``; ``None`` when they name none). All values
-        are JSON-serialisable.
+        items with a spoof mask, by their ``attack``; ``None`` when they name none), and
+        ``attributions``: the method's frame scores of every item, in the order of ``items``
+        (arrays ``(T_i,)``, for figures; every other value is JSON-serialisable).
     """
     if detector.training:
         raise ValueError("evaluate_methods: put the detector in eval() mode first (detector.eval())")
@@ -323,6 +320,7 @@ def evaluate_methods(
         entry["ms_per_utt"] = ms
         entry["cost_vs_forward"] = ms / forward_ms if forward_ms > 0 else None
         entry["fractions"] = fractions
+        entry["attributions"] = [a["imp"][i] for i in range(n)]
         results[m] = entry
         logger.info(
             "%-20s deletion %s insertion %s loc_auc %s pointing %s  %.1f ms/utt (%.1fx forward)",
@@ -338,11 +336,11 @@ def time_forward(detector: nn.Module, wave: Tensor, lengths: Tensor, repeats: in
     device = wave.device
     times = []
     for _ in range(max(1, repeats)):
-        _sync(device)
+        synchronize(device)
         t0 = time.perf_counter()
         with torch.no_grad():
             detector(wave, lengths)
-        _sync(device)
+        synchronize(device)
         times.append(time.perf_counter() - t0)
     return float(np.median(times))
 
@@ -370,14 +368,6 @@ def _warm_up(
 # ----------------------------------------------------------------------------- data
 
 
-def _xlsr_num_frames(n_samples: int) -> int:
-    """Frames of the wav2vec 2.0 / XLS-R conv stack (25 ms window, 20 ms hop)."""
-    out = n_samples
-    for kernel, stride in zip([10, 3, 3, 3, 3, 2, 2], [5, 2, 2, 2, 2, 2, 2]):
-        out = (out - kernel) // stride + 1
-    return max(out, 0)
-
-
 def _resolution_from_name(path: str | None) -> float:
     """PartialSpoof label resolution from a file name like ``eval_seglab_0.02.npy`` (default 0.02)."""
     match = re.search(r"(\d+\.\d+)\.(?:npy|pkl|pickle)$", str(path or ""))
@@ -389,7 +379,8 @@ def load_explanation_set(
     split: str = "eval",
     num_utterances: int | None = None,
     seed: int = 0,
-    detector: nn.Module | None = None,
+    *,
+    detector: nn.Module,
     resolution_s: float | None = None,
     max_seconds: float | None = None,
 ) -> list[dict[str, Any]]:
@@ -405,8 +396,7 @@ def load_explanation_set(
         num_utterances: how many to draw (seeded, without replacement, protocol order kept);
             ``None`` = all.
         seed: the draw's seed.
-        detector: gives the frame count (``num_frames``) of each utterance; ``None`` uses
-            the wav2vec 2.0 conv arithmetic (25 ms window, 20 ms hop).
+        detector: gives the frame count (``num_frames``) of each utterance.
         resolution_s: segment-label resolution in seconds; ``None`` = read from the label
             file name (``..._0.02.npy``), else 0.02.
         max_seconds: crop longer utterances to this many seconds (mask cropped alike).
@@ -433,10 +423,7 @@ def load_explanation_set(
         wave = load_audio(Path(u.path), sr)
         if max_seconds is not None:
             wave = wave[: int(max_seconds * sr)]
-        if detector is not None:
-            n_frames = int(detector.num_frames(torch.tensor([wave.size])).item())
-        else:
-            n_frames = _xlsr_num_frames(wave.size)
+        n_frames = int(detector.num_frames(torch.tensor([wave.size])).item())
         mask = spoof_frame_mask(seglab[u.utt_id], n_frames, resolution_s=resolution_s)
         items.append({"utt_id": u.utt_id, "wave": wave, "spoof_mask": mask, "label": u.label, "attack": u.attack})
     logger.info("explanation set: %d partially spoofed %s utterances (%d with spoofed frames)",

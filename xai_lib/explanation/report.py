@@ -1,4 +1,4 @@
-"""Stage 3 in one call: attributions of every method, their metrics, figures (DESIGN §5, §6).
+"""Stage 3 in one call: attributions of every method, their metrics, figures.
 
 Notebook 03 and the benchmark both use :func:`run_stage3`; the viewer is built from the
 same items with :func:`viewer_items` and :func:`similarity_fn`.
@@ -12,9 +12,9 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import torch
 
-from . import plots
-from .attribution import METHODS, Attributor
-from .explain_eval import evaluate_methods
+from xai_lib import plots
+from xai_lib.explanation.methods import METHODS
+from xai_lib.explanation.evaluation import evaluate_methods
 
 __all__ = ["STAGE3_KEYS", "run_stage3", "viewer_items", "similarity_fn", "metrics_table"]
 
@@ -30,7 +30,7 @@ def _spans(mask: np.ndarray | None, hop: float) -> list[tuple[float, float]] | N
     return plots.spans_above_threshold(np.asarray(mask, dtype=float), 0.5, hop)
 
 
-def viewer_items(items: Sequence[Mapping[str, Any]], frame_hop_s: float = 0.02) -> list[dict[str, Any]]:
+def viewer_items(items: Sequence[Mapping[str, Any]], frame_hop_s: float) -> list[dict[str, Any]]:
     """Explanation items → viewer items (ground-truth spans in seconds from the frame masks)."""
     return [
         {
@@ -97,17 +97,12 @@ def run_stage3(
     fig = plots.plot_deletion_insertion({m: r for m, r in results.items() if r.get("deletion_curve") is not None})
     figures.append(str(plots.save_figure(fig, fig_dir / "stage3_deletion_insertion.png")))
 
-    attributor = Attributor(detector, importance_model=xai)
-    hop = 0.02
-    shown = [it for it in items if it.get("spoof_mask") is not None and np.any(it["spoof_mask"])][:num_figures]
+    hop = float(detector.frame_hop_s)
+    shown = [k for k, it in enumerate(items) if it.get("spoof_mask") is not None and np.any(it["spoof_mask"])][:num_figures]
     sims = similarity_fn(detector, xai) if xai is not None else None
-    for it in shown:
-        wave = torch.as_tensor(np.asarray(it["wave"], dtype=np.float32))[None]
-        lengths = torch.tensor([wave.shape[1]])
-        attrs = {}
-        for m in methods:
-            kw = dict((method_kwargs or {}).get(m, {}))
-            attrs[m] = attributor.attribute(wave, lengths, method=m, target=0, **kw).per_utterance()[0]
+    for k in shown:  # the attributions evaluate_methods computed, not a second pass
+        it = items[k]
+        attrs = {m: results[m]["attributions"][k] for m in methods}
         spans = _spans(it["spoof_mask"], hop)
         fig = plots.plot_method_comparison(it["wave"], attrs, frame_hop_s=hop, spoof_spans_s=spans)
         figures.append(str(plots.save_figure(fig, fig_dir / f"stage3_methods_{it['utt_id']}.png")))

@@ -1,4 +1,4 @@
-"""Stage-3 attribution API (DESIGN §5): which 20 ms frames made the detector decide.
+"""Stage-3 attribution API: which 20 ms frames made the detector decide.
 
 One call returns a frame-level attribution for one of :data:`METHODS`, in captum's style::
 
@@ -64,7 +64,7 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass, field, replace
-from typing import Any, Iterator, Protocol, runtime_checkable
+from typing import Any, Callable, Iterator, Mapping, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -72,6 +72,9 @@ from torch import Tensor, nn
 
 __all__ = [
     "METHODS",
+    "METHOD_REGISTRY",
+    "AttributionMethod",
+    "AttributionBatch",
     "GRADIENT_METHODS",
     "SAMPLE_RATE",
     "HOP_SAMPLES",
@@ -81,31 +84,13 @@ __all__ = [
     "attribute",
     "pool_to_frames",
     "attention_rollout",
+    "synchronize",
 ]
 
 logger = logging.getLogger(__name__)
 
-METHODS: tuple[str, ...] = (
-    "importance",
-    "integrated_gradients",
-    "saliency",
-    "occlusion",
-    "attention_rollout",
-    "random",
-)
-GRADIENT_METHODS: tuple[str, ...] = ("integrated_gradients", "saliency")
 SAMPLE_RATE = 16000
-HOP_SAMPLES = 320  # samples per 20 ms frame at 16 kHz
-
-# keyword arguments each method accepts (anything else is a user error)
-_METHOD_KWARGS: dict[str, dict[str, Any]] = {
-    "importance": {},
-    "integrated_gradients": {"n_steps": 50, "internal_batch_size": None, "ig_method": "gausslegendre"},
-    "saliency": {"abs": True},
-    "occlusion": {"perturbations_per_eval": 4},
-    "attention_rollout": {},
-    "random": {"seed": 0},
-}
+HOP_SAMPLES = 320  # samples per 20 ms frame at 16 kHz (the detector's own hop is used when it has one)
 
 
 @runtime_checkable
@@ -270,7 +255,9 @@ def attention_rollout(attentions: tuple[Tensor, ...] | list[Tensor], num_frames:
 # ----------------------------------------------------------------------------- attributor
 
 
-def _sync(device: torch.device) -> None:
+def synchronize(device: torch.device | str) -> None:
+    """Wait for the device's queued work (CUDA), so that wall-clock timings are honest."""
+    device = torch.device(device)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -298,7 +285,7 @@ class Attributor:
     """Frame-level attributions of a frozen detector's decisions (captum-style).
 
     Args:
-        detector: a Stage-1 :class:`~xai_lib.models.detector.Detector` (or anything with
+        detector: a Stage-1 :class:`~xai_lib.detector.model.Detector` (or anything with
             ``forward(wave, lengths, output_attentions) -> .logits/.attentions`` and
             ``num_frames(lengths)``). Never modified.
         importance_model: a Stage-2 model with ``frame_importance(detector, wave, lengths)``;
@@ -352,11 +339,12 @@ class Attributor:
             ValueError: unknown method/option, bad target or shapes, or ``importance``
                 without an importance model.
         """
-        if method not in METHODS:
+        spec = METHOD_REGISTRY.get(method)
+        if spec is None:
             raise ValueError(f"unknown attribution method {method!r}; valid methods: {', '.join(METHODS)}")
         if target not in (0, 1):
             raise ValueError(f"target must be 0 (spoof) or 1 (bona fide), got {target!r}")
-        allowed = _METHOD_KWARGS[method]
+        allowed = spec.defaults
         unknown = sorted(set(kwargs) - set(allowed))
         if unknown:
             raise ValueError(
@@ -381,12 +369,13 @@ class Attributor:
             )
         device = wave.device
         extras: dict[str, Any] = {}
-        _sync(device)
+        synchronize(device)
         t0 = time.perf_counter()
+        batch = AttributionBatch(wave=wave, lengths=lengths, n_frames=n_frames.to(device), num_frames=T,
+                                 target=target, extras=extras)
         with _frozen(self.detector):
-            fn = getattr(self, f"_{method}")
-            scores = fn(wave, lengths, n_frames.to(device), T, target, opts, extras)  # (B, T)
-        _sync(device)
+            scores = spec.fn(self, batch, opts)  # (B, T)
+        synchronize(device)
         seconds = time.perf_counter() - t0
 
         scores = scores.detach().float().cpu()
@@ -422,65 +411,133 @@ class Attributor:
         """The captum forward function: waves (B', L) -> logits (B', 2)."""
         return self.detector(wave, lengths).logits
 
-    # ------------------------------------------------------------------ methods
-    # each: (wave (B, L), lengths (B,), n_frames (B,), T, target, opts, extras) -> (B, T)
 
-    def _importance(self, wave, lengths, n_frames, T, target, opts, extras) -> Tensor:  # noqa: ANN001
-        with torch.no_grad():
-            w = self.importance_model.frame_importance(self.detector, wave, lengths)  # type: ignore[union-attr]
-        w = torch.as_tensor(w)
-        if w.shape != (wave.shape[0], T):
-            raise ValueError(
-                f"importance_model.frame_importance returned shape {tuple(w.shape)}, expected (B, T) = "
-                f"{(wave.shape[0], T)} (one value per detector frame)"
-            )
-        return w
+# ----------------------------------------------------------------------------- methods
 
-    def _integrated_gradients(self, wave, lengths, n_frames, T, target, opts, extras) -> Tensor:  # noqa: ANN001
-        from captum.attr import IntegratedGradients
 
-        B = wave.shape[0]
-        n_steps = int(opts["n_steps"])
-        ibs = opts["internal_batch_size"] or B * min(n_steps, 10)
-        ig = IntegratedGradients(self._logits)
-        attr, delta = ig.attribute(
-            wave.clone().requires_grad_(True), baselines=torch.zeros_like(wave), target=target,
-            additional_forward_args=(lengths,), n_steps=n_steps, method=opts["ig_method"], internal_batch_size=max(int(ibs), B),
-            return_convergence_delta=True,
-        )  # (B, L), (B,)
-        extras["convergence_delta"] = delta.detach().float().cpu()
-        extras["n_steps"] = n_steps
-        return pool_to_frames(attr.detach(), n_frames, self.hop, lengths, T)
+@dataclass
+class AttributionBatch:
+    """What every attribution method receives (shapes after :meth:`Attributor._prepare`).
 
-    def _saliency(self, wave, lengths, n_frames, T, target, opts, extras) -> Tensor:  # noqa: ANN001
-        from captum.attr import Saliency
+    Attributes:
+        wave: (B, L) float waveform on the detector's device.
+        lengths: (B,) valid samples.
+        n_frames: (B,) valid detector frames.
+        num_frames: T, the detector's frame count for L samples (the scores' width).
+        target: 0 = explain "spoof", 1 = explain "bona fide".
+        extras: method-specific outputs to return (e.g. IG's convergence delta).
+    """
 
-        grad = Saliency(self._logits).attribute(
-            wave.clone().requires_grad_(True), target=target, abs=bool(opts["abs"]), additional_forward_args=(lengths,)
-        )  # (B, L)
-        return pool_to_frames(grad.detach(), n_frames, self.hop, lengths, T)
+    wave: Tensor
+    lengths: Tensor
+    n_frames: Tensor
+    num_frames: int
+    target: int
+    extras: dict[str, Any]
 
-    def _occlusion(self, wave, lengths, n_frames, T, target, opts, extras) -> Tensor:  # noqa: ANN001
-        from captum.attr import FeatureAblation
 
-        mask, share = _frame_feature_mask(wave.shape[1], n_frames, lengths, self.hop)  # (B, L) x2
-        with torch.no_grad():
-            attr = FeatureAblation(self._logits).attribute(
-                wave, baselines=0.0, target=target, additional_forward_args=(lengths,),
-                feature_mask=mask, perturbations_per_eval=int(opts["perturbations_per_eval"]),
-            )  # (B, L): every sample holds its frame's output change
-        return pool_to_frames(attr * share, n_frames, self.hop, lengths, T)
+MethodFn = Callable[["Attributor", AttributionBatch, Mapping[str, Any]], Tensor]
 
-    def _attention_rollout(self, wave, lengths, n_frames, T, target, opts, extras) -> Tensor:  # noqa: ANN001
-        with torch.no_grad():
-            out = self.detector(wave, lengths, output_attentions=True)
-        if not out.attentions:
-            raise ValueError("the detector returned no attention maps; attention_rollout needs a TCM back end")
-        return attention_rollout(out.attentions, T)
 
-    def _random(self, wave, lengths, n_frames, T, target, opts, extras) -> Tensor:  # noqa: ANN001
-        gen = torch.Generator().manual_seed(int(opts["seed"]))
-        return torch.rand(wave.shape[0], T, generator=gen)
+@dataclass(frozen=True)
+class AttributionMethod:
+    """One entry of :data:`METHOD_REGISTRY`.
+
+    Attributes:
+        name: the method's name in configs, ``metrics.json`` and the viewer.
+        fn: ``(attributor, batch, options) -> (B, T)`` frame scores.
+        defaults: the options it accepts, with their defaults (anything else is an error).
+        gradient: whether it backpropagates through the detector.
+        description: one line for tables and the README.
+    """
+
+    name: str
+    fn: MethodFn
+    defaults: Mapping[str, Any]
+    gradient: bool
+    description: str
+
+
+def _importance(attributor: Attributor, b: AttributionBatch, opts: Mapping[str, Any]) -> Tensor:
+    with torch.no_grad():
+        w = attributor.importance_model.frame_importance(attributor.detector, b.wave, b.lengths)  # type: ignore[union-attr]
+    w = torch.as_tensor(w)
+    if w.shape != (b.wave.shape[0], b.num_frames):
+        raise ValueError(
+            f"importance_model.frame_importance returned shape {tuple(w.shape)}, expected (B, T) = "
+            f"{(b.wave.shape[0], b.num_frames)} (one value per detector frame)"
+        )
+    return w
+
+
+def _integrated_gradients(attributor: Attributor, b: AttributionBatch, opts: Mapping[str, Any]) -> Tensor:
+    from captum.attr import IntegratedGradients
+
+    B = b.wave.shape[0]
+    n_steps = int(opts["n_steps"])
+    ibs = opts["internal_batch_size"] or B * min(n_steps, 10)
+    ig = IntegratedGradients(attributor._logits)
+    attr, delta = ig.attribute(
+        b.wave.clone().requires_grad_(True), baselines=torch.zeros_like(b.wave), target=b.target,
+        additional_forward_args=(b.lengths,), n_steps=n_steps, method=opts["ig_method"],
+        internal_batch_size=max(int(ibs), B), return_convergence_delta=True,
+    )  # (B, L), (B,)
+    b.extras["convergence_delta"] = delta.detach().float().cpu()
+    b.extras["n_steps"] = n_steps
+    return pool_to_frames(attr.detach(), b.n_frames, attributor.hop, b.lengths, b.num_frames)
+
+
+def _saliency(attributor: Attributor, b: AttributionBatch, opts: Mapping[str, Any]) -> Tensor:
+    from captum.attr import Saliency
+
+    grad = Saliency(attributor._logits).attribute(
+        b.wave.clone().requires_grad_(True), target=b.target, abs=bool(opts["abs"]), additional_forward_args=(b.lengths,)
+    )  # (B, L)
+    return pool_to_frames(grad.detach(), b.n_frames, attributor.hop, b.lengths, b.num_frames)
+
+
+def _occlusion(attributor: Attributor, b: AttributionBatch, opts: Mapping[str, Any]) -> Tensor:
+    from captum.attr import FeatureAblation
+
+    mask, share = _frame_feature_mask(b.wave.shape[1], b.n_frames, b.lengths, attributor.hop)  # (B, L) x2
+    with torch.no_grad():
+        attr = FeatureAblation(attributor._logits).attribute(
+            b.wave, baselines=0.0, target=b.target, additional_forward_args=(b.lengths,),
+            feature_mask=mask, perturbations_per_eval=int(opts["perturbations_per_eval"]),
+        )  # (B, L): every sample holds its frame's output change
+    return pool_to_frames(attr * share, b.n_frames, attributor.hop, b.lengths, b.num_frames)
+
+
+def _attention_rollout(attributor: Attributor, b: AttributionBatch, opts: Mapping[str, Any]) -> Tensor:
+    with torch.no_grad():
+        out = attributor.detector(b.wave, b.lengths, output_attentions=True)
+    if not out.attentions:
+        raise ValueError("the detector returned no attention maps; attention_rollout needs a TCM back end")
+    return attention_rollout(out.attentions, b.num_frames)
+
+
+def _random(attributor: Attributor, b: AttributionBatch, opts: Mapping[str, Any]) -> Tensor:
+    gen = torch.Generator().manual_seed(int(opts["seed"]))
+    return torch.rand(b.wave.shape[0], b.num_frames, generator=gen)
+
+
+#: Every attribution method, in the order of tables and figures.
+METHOD_REGISTRY: dict[str, AttributionMethod] = {
+    m.name: m
+    for m in (
+        AttributionMethod("importance", _importance, {}, False, "learned Stage-2 importance w(t)"),
+        AttributionMethod("integrated_gradients", _integrated_gradients,
+                          {"n_steps": 50, "internal_batch_size": None, "ig_method": "gausslegendre"}, True,
+                          "captum IntegratedGradients on the waveform, silence baseline"),
+        AttributionMethod("saliency", _saliency, {"abs": True}, True, "captum Saliency, |gradient| per sample"),
+        AttributionMethod("occlusion", _occlusion, {"perturbations_per_eval": 4}, False,
+                          "captum FeatureAblation of 20 ms frames (silenced)"),
+        AttributionMethod("attention_rollout", _attention_rollout, {}, False, "attention rollout of the TCM blocks"),
+        AttributionMethod("random", _random, {"seed": 0}, False, "seeded uniform scores (the floor)"),
+    )
+}
+METHODS: tuple[str, ...] = tuple(METHOD_REGISTRY)
+GRADIENT_METHODS: tuple[str, ...] = tuple(m.name for m in METHOD_REGISTRY.values() if m.gradient)
 
 
 def attribute(

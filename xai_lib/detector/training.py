@@ -1,4 +1,4 @@
-"""Stage 1: train the SSL + Conformer-TCM detector (DESIGN §3).
+"""Stage 1: train the SSL + Conformer-TCM detector.
 
 Weighted cross-entropy (spoof 0.1, bona fide 0.9), Adam/AdamW, RawBoost on the fly,
 early stopping on the dev loss, the N best epochs averaged into ``stage1_detector.pth``,
@@ -33,13 +33,14 @@ from torch import Tensor
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm.auto import tqdm
 
-from ..config import Stage1Config, config_to_dict, save_config
-from ..data.datasets import EvalDataset, TrainDataset, build_split, collate_padded, scan_audio
-from ..data.protocols import Utterance
-from ..metrics import compute_eer
-from ..models.checkpoint import average_state_dicts, save_detector, unwrap_model
-from ..models.detector import Detector
-from .common import (
+from xai_lib.config import Stage1Config, config_to_dict, save_config
+from xai_lib.data.datasets import EvalDataset, TrainDataset, build_split, collate_padded, scan_audio
+from xai_lib.data.protocols import Utterance
+from xai_lib.detector.metrics import utterance_eer
+from xai_lib.detector.checkpoint import average_state_dicts, save_detector
+from xai_lib.files import unwrap_model
+from xai_lib.detector.model import Detector
+from xai_lib.training import (
     BestCheckpoints,
     DistContext,
     EarlyStopping,
@@ -145,7 +146,7 @@ def _eer_from(scores: dict[str, float], labels: dict[str, int]) -> float:
     spoof = np.array([s for u, s in scores.items() if labels.get(u) == 0])
     if len(bona) == 0 or len(spoof) == 0 or not (np.isfinite(bona).all() and np.isfinite(spoof).all()):
         return float("nan")
-    return float(compute_eer(bona, spoof)[0])
+    return float(utterance_eer(bona, spoof)[0])
 
 
 def _eval_loader(utts: Sequence[Utterance], cfg: Stage1Config, ctx: DistContext, crop: int | None) -> DataLoader:
@@ -566,8 +567,8 @@ def stage1_report(
         ``{split}_eer_per_attack`` (attack -> EER, plus ``pooled``), ``{split}_num_utts``,
         ``eval_min_tdcf`` when ``asv_score_file`` is given. EERs are fractions in [0, 1].
     """
-    from .. import plots
-    from ..metrics import compute_min_tdcf, eer_per_attack, write_score_file
+    from xai_lib import plots
+    from xai_lib.detector.metrics import compute_min_tdcf, eer_per_attack, write_score_file
 
     run_dir = Path(run_dir)
     fig_dir = run_dir / "figures"
@@ -588,7 +589,7 @@ def stage1_report(
         if len(bona) == 0 or len(spoof) == 0:
             log.info("%s: no keys for both classes; scores written, no EER", split)
             continue
-        eer, thr = compute_eer(bona, spoof)
+        eer, thr = utterance_eer(bona, spoof)
         metrics[f"{split}_eer"] = float(eer)
         metrics[f"{split}_threshold"] = float(thr)
         per_attack = eer_per_attack({u: scores[u] for u in labels}, labels, attacks)

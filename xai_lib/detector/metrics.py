@@ -10,7 +10,7 @@ Conventions follow the ASVspoof evaluation packages:
 
 Example::
 
-    eer, threshold = compute_eer(bona_scores, spoof_scores)
+    eer, threshold = utterance_eer(bona_scores, spoof_scores)
     per_attack = eer_per_attack(scores, labels, attacks)   # {"A01": ..., "pooled": ...}
     write_score_file(run_dir / "scores_eval.txt", utt_ids, scores)
 """
@@ -28,7 +28,7 @@ __all__ = [
     "TDCFCostModel",
     "ASVSPOOF2019_COST_MODEL",
     "compute_det_curve",
-    "compute_eer",
+    "utterance_eer",
     "compute_tdcf_curve",
     "compute_min_tdcf",
     "eer_per_attack",
@@ -105,7 +105,7 @@ def compute_det_curve(
     return frr, far, thresholds
 
 
-def compute_eer(bona_scores: ArrayLike, spoof_scores: ArrayLike) -> tuple[float, float]:
+def utterance_eer(bona_scores: ArrayLike, spoof_scores: ArrayLike) -> tuple[float, float]:
     """Equal error rate, computed as the ASVspoof evaluation package does.
 
     Args:
@@ -187,7 +187,7 @@ def _tdcf_constants(
     asv_tar: np.ndarray, asv_non: np.ndarray, asv_spoof: np.ndarray, cost: TDCFCostModel
 ) -> tuple[float, float, float]:
     """ASV error rates at its EER threshold folded into the constants ``C0, C1, C2``."""
-    _, asv_threshold = compute_eer(asv_tar, asv_non)
+    _, asv_threshold = utterance_eer(asv_tar, asv_non)
     p_fa_asv = float(np.mean(asv_non >= asv_threshold))
     p_miss_asv = float(np.mean(asv_tar < asv_threshold))
     p_miss_spoof_asv = float(np.mean(asv_spoof < asv_threshold))
@@ -345,9 +345,9 @@ def eer_per_attack(
 
     result: dict[str, float] = {}
     for attack in sorted(spoof_by_attack):
-        result[attack] = compute_eer(bona, spoof_by_attack[attack])[0]
+        result[attack] = utterance_eer(bona, spoof_by_attack[attack])[0]
     pooled = [s for values in spoof_by_attack.values() for s in values]
-    result["pooled"] = compute_eer(bona, pooled)[0]
+    result["pooled"] = utterance_eer(bona, pooled)[0]
     return result
 
 

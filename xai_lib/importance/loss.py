@@ -58,7 +58,7 @@ import torch
 import torch.nn.functional as F
 
 from xai_lib.config import XAIConfig
-from xai_lib.models.xai import NORMALIZE_EPS, SPOOF_INDEX, XAIOutput, normalized_importance
+from xai_lib.importance.module import NORMALIZE_EPS, SPOOF_INDEX, XAIOutput, normalized_importance
 
 __all__ = [
     "frame_cross_entropy",
@@ -274,7 +274,7 @@ def keep_weights(
 ) -> torch.Tensor:
     """Importance rescaled to a fixed budget of kept frames: ``min(1, budget * T * a(t))``.
 
-    ``a`` is :func:`~xai_lib.models.xai.normalized_importance` (so ``budget * T * a`` has mean
+    ``a`` is :func:`~xai_lib.importance.module.normalized_importance` (so ``budget * T * a`` has mean
     ``budget`` over the ``T`` valid frames); clamping at 1 means at most a ``budget``
     fraction of the frame mass is kept. Depends on the shape of ``w``, not on its level.
 
@@ -282,7 +282,7 @@ def keep_weights(
         importance: (B, T) ``w`` in [0, 1].
         frame_mask: (B, T); None = all real.
         budget: fraction of frames kept (``target_sparsity``), in (0, 1].
-        eps: as in :func:`~xai_lib.models.xai.normalized_importance`.
+        eps: as in :func:`~xai_lib.importance.module.normalized_importance`.
 
     Returns:
         (B, T) in [0, 1], 0 on padded frames; a constant (or all-zero) ``w`` gives ``budget``
@@ -305,7 +305,7 @@ def xai_loss(
     """The full Stage-2 objective (see the module docstring for the formulas).
 
     Args:
-        out: the :class:`~xai_lib.models.xai.XAIOutput` of the batch.
+        out: the :class:`~xai_lib.importance.module.XAIOutput` of the batch.
         labels: (B,) 1 = bona fide, 0 = spoof.
         frame_mask: (B, T); None = ``out.frame_mask``.
         cfg: weights and constants (``temperature``, ``lambda_*``, ``target_sparsity``).

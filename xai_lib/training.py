@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from ..models.checkpoint import atomic_torch_save, safe_torch_load
+from xai_lib.files import atomic_torch_save, atomic_write_text, safe_torch_load
 
 __all__ = [
     "NonFiniteLossError",
@@ -380,9 +380,7 @@ class BestCheckpoints:
         return [safe_torch_load(self.dir / e["file"], map_location="cpu") for e in self.entries]
 
     def _write_index(self) -> None:
-        tmp = self.dir / f"{self.INDEX}.tmp"
-        tmp.write_text(json.dumps(self.entries, indent=1))
-        os.replace(tmp, self.dir / self.INDEX)
+        atomic_write_text(self.dir / self.INDEX, json.dumps(self.entries, indent=1))
 
 
 def check_finite(loss: Tensor, step: int, stage: str, last_good: str | Path | None = None, ctx: DistContext | None = None) -> None:
@@ -554,11 +552,7 @@ def merge_metrics(run_dir: str | Path, key: str, values: dict[str, Any]) -> Path
         except json.JSONDecodeError:
             log.warning("metrics.json in %s was not valid JSON; starting a new one", run_dir)
     data[key] = values
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".metrics.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=_json_default))
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(path, json.dumps(data, indent=2, default=_json_default))
 
 
 def _json_default(obj: Any) -> Any:

@@ -1,4 +1,4 @@
-"""The importance viewer: browse utterances, listen, see frame importance (DESIGN §1.3, §5).
+"""The importance viewer: browse utterances, listen, see frame importance.
 
 An ipywidgets 8 panel for JupyterLab, built from plain Python objects so it can be
 driven and checked without a browser (set widget values, read the state)::
@@ -310,7 +310,7 @@ class ImportanceViewer:
         sample_rate: int = 16000,
         threshold: float = 0.5,
     ) -> ImportanceViewer:
-        """A viewer whose attributions come from :class:`xai_lib.attribution.Attributor`.
+        """A viewer whose attributions come from :class:`xai_lib.explanation.methods.Attributor`.
 
         Items without a ``score`` are scored by ``detector`` (bona fide logit, eval mode,
         one utterance at a time).
@@ -320,7 +320,7 @@ class ImportanceViewer:
             items: utterance dicts as for :class:`ImportanceViewer`.
             importance_model: the Stage-2 model (needed for method ``"importance"``).
             methods: methods to offer; default: every method of
-                :data:`xai_lib.attribution.METHODS` (without ``"importance"`` when no
+                :data:`xai_lib.explanation.methods.METHODS` (without ``"importance"`` when no
                 ``importance_model`` is given).
             target: explained class, 0 = spoof, 1 = bona fide.
             method_options: per-method keyword options, e.g.
@@ -333,7 +333,7 @@ class ImportanceViewer:
         Raises:
             ValueError: an unknown method, ``"importance"`` without ``importance_model``.
         """
-        from xai_lib.attribution import METHODS, Attributor
+        from xai_lib.explanation.methods import METHODS, Attributor
 
         if methods is None:
             methods = [m for m in METHODS if m != "importance" or importance_model is not None]

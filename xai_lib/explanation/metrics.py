@@ -1,4 +1,4 @@
-"""Explanation metrics (DESIGN §6): faithfulness (deletion/insertion) and localization.
+"""Explanation metrics: faithfulness (deletion/insertion) and localization.
 
 * :func:`deletion_insertion` removes (or inserts) frames in descending order of
   importance and records the detector's spoof probability after each step. A faithful
@@ -25,6 +25,7 @@ from typing import Callable, Sequence, Union
 
 import numpy as np
 import torch
+from sklearn.metrics import roc_auc_score, roc_curve
 from tqdm.auto import tqdm
 
 __all__ = [
@@ -32,7 +33,8 @@ __all__ = [
     "localization_metrics",
     "localization_per_attack",
     "random_baseline_importance",
-    "trapezoid_auc",
+    "frame_roc_auc",
+    "frame_eer",
 ]
 
 logger = logging.getLogger(__name__)
@@ -45,21 +47,6 @@ def _to_numpy(x: object, dtype: type = np.float64) -> np.ndarray:
     if isinstance(x, torch.Tensor):
         x = x.detach().cpu().numpy()
     return np.asarray(x, dtype=dtype)
-
-
-def trapezoid_auc(y: np.ndarray, x: np.ndarray) -> np.ndarray:
-    """Area under ``y(x)`` by the trapezoid rule along the last axis.
-
-    Args:
-        y: values, shape ``(..., K)``.
-        x: abscissae, shape ``(K,)`` (increasing).
-
-    Returns:
-        Areas, shape ``(...)``.
-    """
-    y = np.asarray(y, dtype=np.float64)
-    dx = np.diff(np.asarray(x, dtype=np.float64))  # (K-1,)
-    return np.sum(0.5 * (y[..., 1:] + y[..., :-1]) * dx, axis=-1)
 
 
 # ----------------------------------------------------------------------------- faithfulness
@@ -230,8 +217,8 @@ def deletion_insertion(
             bar.update(1)
     bar.close()
 
-    del_auc = trapezoid_auc(deletion, fractions)  # (B,)
-    ins_auc = trapezoid_auc(insertion, fractions)
+    del_auc = np.trapezoid(deletion, fractions, axis=-1)  # (B,)
+    ins_auc = np.trapezoid(insertion, fractions, axis=-1)
     return {
         "deletion_auc": float(del_auc.mean()),
         "insertion_auc": float(ins_auc.mean()),
@@ -264,31 +251,21 @@ def random_baseline_importance(
 # ----------------------------------------------------------------------------- localization
 
 
-def _roc(scores: np.ndarray, positive: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """ROC points ``(fpr, tpr)`` at every distinct score threshold (ties grouped)."""
-    order = np.argsort(-scores, kind="stable")
-    s, y = scores[order], positive[order]
-    # last index of each group of equal scores: one ROC point per distinct threshold
-    ends = np.r_[np.flatnonzero(np.diff(s) != 0), s.size - 1]
-    tp = np.cumsum(y)[ends]
-    fp = np.cumsum(~y)[ends]
-    tpr = np.r_[0.0, tp / y.sum()]
-    fpr = np.r_[0.0, fp / (~y).sum()]
-    return fpr, tpr
+def frame_roc_auc(scores: np.ndarray, positive: np.ndarray) -> float:
+    """Frame-level ROC-AUC (scikit-learn; tied scores count 1/2): spoofed frames positive."""
+    return float(roc_auc_score(np.asarray(positive, dtype=bool), np.asarray(scores, dtype=np.float64)))
 
 
-def _roc_auc_mann_whitney(scores: np.ndarray, positive: np.ndarray) -> float:
-    """ROC-AUC as the Mann-Whitney statistic with tied scores counted as 1/2."""
-    from scipy.stats import rankdata
+def frame_eer(scores: np.ndarray, positive: np.ndarray) -> float:
+    """Frame-level EER: where the ROC (scikit-learn, one point per distinct score) crosses
+    FNR = FPR, linearly interpolated between its two neighbouring points.
 
-    ranks = rankdata(scores)  # average ranks for ties
-    n_pos = int(positive.sum())
-    n_neg = positive.size - n_pos
-    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
-
-
-def _eer_from_roc(fpr: np.ndarray, tpr: np.ndarray) -> float:
-    """EER where the ROC crosses FNR = FPR, linearly interpolated between ROC points."""
+    Not the ASVspoof utterance EER (:func:`xai_lib.detector.metrics.utterance_eer`, the
+    nearest point of the DET curve): frames pool many tied scores, where interpolation
+    gives the value a constant score deserves (0.5).
+    """
+    fpr, tpr, _ = roc_curve(np.asarray(positive, dtype=bool), np.asarray(scores, dtype=np.float64),
+                            drop_intermediate=False)
     fnr = 1.0 - tpr
     diff = fnr - fpr  # decreasing from 1 to -1 along the ROC
     cross = int(np.flatnonzero(diff <= 0)[0])
@@ -372,8 +349,8 @@ def localization_metrics(
         )
         loc_auc = loc_eer = float("nan")
     else:
-        loc_auc = _roc_auc_mann_whitney(scores, labels)
-        loc_eer = _eer_from_roc(*_roc(scores, labels))
+        loc_auc = frame_roc_auc(scores, labels)
+        loc_eer = frame_eer(scores, labels)
     return {
         "loc_auc": loc_auc,
         "loc_eer": loc_eer,

@@ -1,8 +1,8 @@
-"""Stage-1 detector: wav2vec 2.0 / XLS-R front end + Conformer-TCM back end (DESIGN §3).
+"""Stage-1 detector: wav2vec 2.0 / XLS-R front end + Conformer-TCM back end.
 
 The computation follows the published "Temporal-Channel Modeling" (TCM) detector
 (``shared/reference/TCM_CHECKPOINT.md``) and its module/parameter names match the
-published ``avg_5_best.pth`` one to one, so :func:`xai_lib.models.checkpoint.load_detector`
+published ``avg_5_best.pth`` one to one, so :func:`xai_lib.detector.checkpoint.load_detector`
 can load it by renaming only the fairseq SSL weights::
 
     wave (B, L) 16 kHz
@@ -177,17 +177,6 @@ def ssl_from_config_dict(data: dict[str, Any]) -> Wav2Vec2Model:
     data.update(_SSL_DETERMINISM)
     config = Wav2Vec2Config.from_dict(data)
     return Wav2Vec2Model(config)
-
-
-def _conv_output_length(lengths: Tensor, config: Wav2Vec2Config) -> Tensor:
-    """Frames produced by the wav2vec2 conv feature encoder for ``lengths`` samples."""
-    out = lengths
-    for kernel, stride in zip(config.conv_kernel, config.conv_stride):
-        out = torch.div(out - kernel, stride, rounding_mode="floor") + 1
-    if getattr(config, "add_adapter", False):
-        for _ in range(config.num_adapter_layers):
-            out = torch.div(out - 1, config.adapter_stride, rounding_mode="floor") + 1
-    return out.clamp_min(0)
 
 
 # ----------------------------------------------------------------------------- back end parts
@@ -576,9 +565,6 @@ class DetectorBackEnd(nn.Module):
     def __init__(self, cfg: ModelConfig, ssl_dim: int) -> None:
         super().__init__()
         self.cfg = cfg
-        self._build_backend(cfg, ssl_dim)
-
-    def _build_backend(self, cfg: ModelConfig, ssl_dim: int) -> None:
         self.ssl_dim = ssl_dim
         self.emb_size = cfg.emb_size
         self.LL = nn.Linear(ssl_dim, cfg.emb_size)
@@ -654,10 +640,12 @@ class Detector(DetectorBackEnd):
     frame_hop_s: float = 0.02
 
     def __init__(self, cfg: ModelConfig, ssl_model: Wav2Vec2Model | None = None) -> None:
-        nn.Module.__init__(self)
-        self.cfg = cfg
-        self.ssl_model = ssl_model if ssl_model is not None else build_ssl(cfg.ssl)
-        self._build_backend(cfg, int(self.ssl_model.config.hidden_size))
+        ssl_model = ssl_model if ssl_model is not None else build_ssl(cfg.ssl)  # built first: seeded runs
+        super().__init__(cfg, int(ssl_model.config.hidden_size))
+        self.ssl_model = ssl_model
+        # the front end first in state dicts and parameter lists, as in the published checkpoint
+        modules = self._modules
+        object.__setattr__(self, "_modules", {"ssl_model": modules.pop("ssl_model"), **modules})
         if cfg.ssl.freeze:
             self.ssl_model.requires_grad_(False)
         if cfg.ssl.gradient_checkpointing:
@@ -680,7 +668,8 @@ class Detector(DetectorBackEnd):
         Returns:
             (B,) long frame counts (wav2vec2 conv arithmetic, 0 when too short).
         """
-        return _conv_output_length(torch.as_tensor(lengths, dtype=torch.long), self.ssl_model.config)
+        lengths = torch.as_tensor(lengths, dtype=torch.long)
+        return self.ssl_model._get_feat_extract_output_lengths(lengths).to(torch.long).clamp_min(0)
 
     def frontend(self, wave: Tensor, lengths: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """SSL features of a (padded) batch of waveforms.
