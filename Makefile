@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test test-e2e lab bench corpus clean
+.PHONY: setup demo test test-e2e lab bench corpus notebooks clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -33,6 +33,9 @@ lab: setup  ## open JupyterLab on the notebooks (the viewer lives in notebook 03
 
 bench: setup  ## explanation cost/quality and throughput benchmarks -> outputs/bench/
 	$(PY) -m xai_lib.bench
+
+notebooks: setup  ## rebuild notebooks/*.ipynb from their reviewed jupytext scripts (notebooks/*.py), without outputs
+	cd notebooks && for s in 0*.py; do ../$(VENV)/bin/jupytext --to ipynb "$$s" -o "$${s%.py}.ipynb"; done
 
 clean:
 	rm -rf $(VENV) .pytest_cache

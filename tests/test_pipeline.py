@@ -454,20 +454,3 @@ def test_child_processes_of_the_holder_may_work_in_the_run_directory(tmp_path):
     assert child.stdout.strip() == "inherited", child.stderr
     assert stranger.stdout.strip() == "refused", stranger.stderr
     assert "XAI_LIB_HELD_RUN_LOCKS" not in os.environ and not (run_dir / ".lock").exists()
-
-
-def test_shipped_notebooks_parameters_all_parse_with_papermill():
-    """papermill skips a parameter line with a second '=' (its docs and defaults then vanish from
-    `papermill --help-notebook`); every shipped notebook's parameters must parse."""
-    import papermill as pm
-
-    from xai_lib.pipeline import default_notebooks_dir
-
-    for nb in sorted(default_notebooks_dir().glob("0*.ipynb")):
-        declared = pm.inspect_notebook(str(nb))
-        source = "".join(c["source"] if isinstance(c["source"], str) else "".join(c["source"])
-                         for c in __import__("json").loads(nb.read_text())["cells"]
-                         if "parameters" in c.get("metadata", {}).get("tags", []))
-        names = [line.split(":")[0].split("=")[0].strip() for line in source.splitlines()
-                 if line.strip() and not line.lstrip().startswith("#")]
-        assert names and set(names) <= set(declared), (nb.name, set(names) - set(declared))

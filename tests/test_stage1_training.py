@@ -15,6 +15,7 @@ import torch
 import yaml
 
 from conftest import tiny_model_dict
+from xai_lib.data.datasets import TrainDataset
 from xai_lib.config import Stage1Config, config_from_dict, config_to_dict, load_config
 from xai_lib.detector.checkpoint import average_state_dicts, load_detector
 from xai_lib.detector.model import Detector
@@ -62,13 +63,13 @@ def state_dict_of(path: Path) -> dict[str, torch.Tensor]:
 def epochs_run(monkeypatch) -> list[int]:
     """Records the epochs whose training data was drawn (0-based), i.e. the epochs trained."""
     seen: list[int] = []
-    original = stage1.TrainDataset.set_epoch
+    original = TrainDataset.set_epoch
 
     def spy(self, epoch):
         seen.append(int(epoch))
         return original(self, epoch)
 
-    monkeypatch.setattr(stage1.TrainDataset, "set_epoch", spy)
+    monkeypatch.setattr(TrainDataset, "set_epoch", spy)
     return seen
 
 

@@ -35,6 +35,7 @@ __all__ = [
     "Stage2TrainingConfig",
     "Stage2Config",
     "load_config",
+    "notebook_config",
     "save_config",
     "config_to_dict",
     "config_from_dict",
@@ -519,6 +520,44 @@ def load_config(
     except ConfigError as exc:
         raise ConfigError(f"{name}: {exc}") from None
     return config_from_dict(data, schema, name)
+
+
+def notebook_config(
+    config_path: str | Path,
+    schema: type[T],
+    overrides: Iterable[str] = (),
+    data_root: str | Path | None = None,
+    settings: Mapping[str, Any] | None = None,
+    final_overrides: Iterable[str] = (),
+) -> T:
+    """The config a notebook (or the pipeline through it) runs with, in one place.
+
+    Layers, later ones winning: the YAML file, the user's ``overrides``
+    (``"section.key=value"``), every notebook setting that is not ``None``
+    (``{"training.batch_size": 32}``; ``None`` keeps the file's value), ``data_root``,
+    then ``final_overrides`` (the smoke-run limits). ``data.root`` comes back absolute
+    (:func:`xai_lib.paths.resolve_path`), so a notebook run from ``notebooks/`` and the
+    pipeline run from the repository resolve the same config.
+
+    Raises:
+        ConfigError: as :func:`load_config`, naming the file and the key.
+    """
+    from xai_lib.paths import resolve_path
+
+    path = resolve_path(config_path)
+    data = config_to_dict(load_config(path, schema, list(overrides)))
+    try:
+        apply_overrides(data, {k: v for k, v in (settings or {}).items() if v is not None})
+        if data_root:
+            apply_overrides(data, {"data.root": str(resolve_path(data_root))})
+        apply_overrides(data, list(final_overrides))
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    cfg = config_from_dict(data, schema, str(path))
+    data_cfg = getattr(cfg, "data", None)
+    if data_cfg is not None:
+        data_cfg.root = str(resolve_path(data_cfg.root))
+    return cfg
 
 
 def _deep_copy(data: Mapping[str, Any]) -> dict[str, Any]:

@@ -1,9 +1,10 @@
 """The batch pipeline: notebooks 01 → 02 → 03 executed by papermill into one run directory.
 
-``python -m xai_lib.pipeline`` (console script ``xai-pipeline``) is the one command of
-Like the original ``train_full_pipeline.sh [--stage1|--stage2]`` it runs the
-three stages in order, each as a papermill execution of its notebook with parameters,
-and saves the executed notebooks (outputs, figures, tracebacks) into the run directory.
+``python -m xai_lib.pipeline`` (console script ``xai-pipeline``) runs the three stages in
+order, each as a papermill execution of its notebook, and saves the executed notebooks
+(outputs, figures, tracebacks) into the run directory. It passes only what it must (config
+files, run directory, data root, overrides, smoke, resume): every hyper-parameter comes
+from the configs, exactly as when the notebooks are run by hand.
 
 Examples::
 
@@ -219,6 +220,12 @@ _NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 def _coerce_param(name: str, value: Any, raw: str | None, declared: Mapping[str, Any], notebook: str) -> Any:
     """Check ``value`` against the type annotated in the notebook's parameters cell."""
     tp = str(declared.get("inferred_type_name") or "")
+    optional = re.fullmatch(r"Optional\[(\w+)\]", tp)
+    if optional:
+        if value is None:
+            return None  # None: the config's value
+        declared = {**declared, "inferred_type_name": optional.group(1)}
+        tp = optional.group(1)
     helptext = f" ({declared['help']})" if declared.get("help") else ""
 
     def bad(kind: str) -> PipelineError:
@@ -969,45 +976,30 @@ def _parse_sweep(spec: str, declared02: Mapping[str, Any], declared03: Mapping[s
     return key, values, "override"
 
 
-_OVERRIDE_SECTIONS = {1: ("training.", "data.", "model."), 2: ("training.", "data.", "xai.", "detector.")}
+_OVERRIDE_SECTIONS = {1: ("training.", "data.", "model."), 2: ("training.", "data.", "xai.", "detector."), 3: ("data.",)}
 
 
 def _overrides_for(stage: int, overrides: Sequence[str]) -> list[str]:
     """The ``--override`` entries that belong to ``stage``'s config schema.
 
-    ``model.*`` goes to Stage 1, ``xai.*``/``detector.*`` to Stage 2, ``training.*`` and
-    ``data.*`` to both.
+    ``model.*`` goes to Stage 1, ``xai.*``/``detector.*`` to Stage 2, ``training.*`` to
+    both, ``data.*`` to all three (Stage 3 explains the data the run trained with).
     """
     return [ov for ov in overrides if ov.split("=", 1)[0].strip().startswith(_OVERRIDE_SECTIONS[stage])]
 
 
-def _config_params(configs: Mapping[int, Path], overrides: Sequence[str]) -> dict[int, dict[str, Any]]:
-    """Notebook parameters that mirror config values (batch size, epochs, seed, ...).
-
-    The notebooks' own defaults are the real recipe (batch 32 / 30 epochs for Stage 1);
-    the runner passes the chosen config's values so that ``configs/demo.yaml`` means what
-    it says.
-    """
+def _check_configs(configs: Mapping[int, Path], overrides: Sequence[str]) -> None:
+    """Load each stage config with its overrides, so a bad key or value stops the pipeline
+    before anything runs. The notebooks read every hyper-parameter from these configs
+    themselves (their parameters default to ``None``: the config's value)."""
     from xai_lib.config import ConfigError, Stage1Config, Stage2Config, load_config
 
-    out: dict[int, dict[str, Any]] = {}
     for n, schema in ((1, Stage1Config), (2, Stage2Config)):
-        if n not in configs:
-            continue
-        own = _overrides_for(n, overrides)
-        try:
-            cfg = load_config(configs[n], schema, own)
-        except ConfigError as exc:
-            raise PipelineError(str(exc)) from None
-        values: dict[str, Any] = {
-            "batch_size": cfg.training.batch_size,
-            "num_epochs": cfg.training.num_epochs,
-            "seed": cfg.training.seed,
-        }
-        if n == 2:
-            values.update(prototype_mode=cfg.xai.prototype_mode, lambda_fidelity=cfg.xai.lambda_fidelity)
-        out[n] = values
-    return out
+        if n in configs:
+            try:
+                load_config(configs[n], schema, _overrides_for(n, overrides))
+            except ConfigError as exc:
+                raise PipelineError(str(exc)) from None
 
 
 def _make_plan(args: argparse.Namespace) -> _Plan:
@@ -1065,14 +1057,11 @@ def _make_plan(args: argparse.Namespace) -> _Plan:
             base[n]["data_root"] = data_root
         if args.smoke:
             base[n]["smoke"] = True
-        if n in (1, 2):
-            base[n]["overrides"] = []
-            # --overwrite trains afresh; otherwise an interrupted stage resumes from its state
+        base[n]["overrides"] = []
+        if n in (1, 2):  # --overwrite trains afresh; otherwise an interrupted stage resumes from its state
             base[n]["resume"] = not args.overwrite
 
-    # ---- the notebooks' recipe parameters come from the stage configs (a -p still wins)
-    for n, values in _config_params(configs, args.override).items():
-        base[n].update(values)
+    _check_configs(configs, args.override)
 
     # ---- -p NAME VALUE
     user: dict[str, tuple[str, Any]] = {}

@@ -42,8 +42,8 @@ from xai_lib.files import atomic_write_text
 
 __all__ = [
     "RunDirectoryError",
+    "merge_metrics",
     "RunDirectoryBusyError",
-    "RunExistsError",
     "LockInfo",
     "RunLock",
     "RunDirectory",
@@ -69,10 +69,6 @@ class RunDirectoryError(RuntimeError):
 
 class RunDirectoryBusyError(RunDirectoryError):
     """Another live process holds the run directory's lock."""
-
-
-class RunExistsError(RunDirectoryError):
-    """The run directory already holds finished results that would be overwritten."""
 
 
 def timestamp() -> str:
@@ -444,3 +440,24 @@ def default_run_dir(base: str | Path = "outputs", suffix: str = "run") -> Path:
         path = base / f"{timestamp()}-{suffix}-{n}"
         n += 1
     return path
+
+
+def merge_metrics(run_dir: str | Path, key: str, values: dict[str, Any]) -> Path:
+    """Merge ``{key: values}`` into ``run_dir/metrics.json`` atomically (other stages' keys kept)."""
+    path = Path(run_dir) / "metrics.json"
+    data: dict[str, Any] = {}
+    if path.is_file():
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            log.warning("metrics.json in %s was not valid JSON; starting a new one", run_dir)
+    data[key] = values
+    return atomic_write_text(path, json.dumps(data, indent=2, default=_json_default))
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, Path):
+        return str(obj)
+    if hasattr(obj, "tolist"):  # NumPy arrays and scalars, torch tensors
+        return obj.tolist()
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")

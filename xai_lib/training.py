@@ -25,6 +25,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.utils.data import DataLoader, DistributedSampler
 
 from xai_lib.files import atomic_torch_save, atomic_write_text, safe_torch_load
 
@@ -49,7 +50,6 @@ __all__ = [
     "loop_state",
     "restore_loop_state",
     "summary_writer",
-    "merge_metrics",
 ]
 
 log = logging.getLogger(__name__)
@@ -522,16 +522,17 @@ def restore_loop_state(
 # ----------------------------------------------------------------------------- logging
 
 
-def summary_writer(log_dir: Path, enabled: bool = True, purge_step: int | None = None):
+def summary_writer(log_dir: Path, enabled: bool = True, completed_steps: int = 0):
     """A TensorBoard ``SummaryWriter`` on rank 0, or a no-op stand-in elsewhere.
 
-    ``purge_step``: when resuming, events at or after this step left by the interrupted run
-    are hidden, so curves do not show the redone steps twice.
+    ``completed_steps``: optimiser steps already done (0 for a fresh start). Events after
+    them, left by an interrupted or earlier run in the same directory, are hidden, so
+    curves never show redone steps twice.
     """
     if enabled:
         from torch.utils.tensorboard import SummaryWriter
 
-        return SummaryWriter(log_dir=str(log_dir), purge_step=purge_step)
+        return SummaryWriter(log_dir=str(log_dir), purge_step=completed_steps + 1)
 
     class _Null:
         def add_scalar(self, *a, **k) -> None: ...
@@ -542,26 +543,42 @@ def summary_writer(log_dir: Path, enabled: bool = True, purge_step: int | None =
     return _Null()
 
 
-def merge_metrics(run_dir: str | Path, key: str, values: dict[str, Any]) -> Path:
-    """Merge ``{key: values}`` into ``run_dir/metrics.json`` atomically (other stages' keys kept)."""
-    path = Path(run_dir) / "metrics.json"
-    data: dict[str, Any] = {}
-    if path.is_file():
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError:
-            log.warning("metrics.json in %s was not valid JSON; starting a new one", run_dir)
-    data[key] = values
-    return atomic_write_text(path, json.dumps(data, indent=2, default=_json_default))
+def training_loader(
+    data: Any, training: Any, ctx: DistContext, rawboost_algo: int
+) -> tuple[Any, DistributedSampler, DataLoader]:
+    """The training set, its sampler and loader, the same for both stages.
 
+    Random crops of ``data.crop_samples`` (seeded by ``training.seed``, the epoch and the
+    index), optional RawBoost and splice augmentation, one :class:`DistributedSampler` for
+    both cases: a single process is the 1-replica case, so a run on N ranks sees, step by
+    step, the utterances of one process with the same global batch.
 
-def _json_default(obj: Any) -> Any:
-    if isinstance(obj, (np.floating, np.integer)):
-        return obj.item()
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    if isinstance(obj, Tensor):
-        return obj.tolist()
-    if isinstance(obj, Path):
-        return str(obj)
-    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+    Args:
+        data: the ``data`` config section; ``training``: the ``training`` section.
+        ctx: the process group.
+        rawboost_algo: RawBoost algorithm (0 = none; Stage 2 explains clean input).
+
+    Returns:
+        ``(dataset, sampler, loader)``; call ``dataset.set_epoch`` and ``sampler.set_epoch``
+        every epoch.
+    """
+    from xai_lib.data.datasets import TrainDataset, build_split, collate_padded, scan_audio
+
+    utts = build_split(data, "train")
+    if data.on_bad_audio == "skip":  # drop missing/empty files up front (cheap header check)
+        utts, _ = scan_audio(utts, data.sample_rate, "skip")
+    dataset = TrainDataset(
+        utts, crop_samples=data.crop_samples, sample_rate=data.sample_rate, rawboost_algo=rawboost_algo,
+        seed=training.seed, on_bad_audio=data.on_bad_audio, splice_prob=data.splice_prob,
+        splice_min_samples=int(round(data.splice_min_s * data.sample_rate)),
+        splice_max_fraction=data.splice_max_fraction,
+    )
+    if training.batch_size % ctx.world_size:
+        log.warning("training.batch_size=%d is not a multiple of the %d processes; the global batch is %d",
+                    training.batch_size, ctx.world_size, max(1, training.batch_size // ctx.world_size) * ctx.world_size)
+    sampler = DistributedSampler(dataset, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True,
+                                 seed=training.seed, drop_last=False)
+    loader = DataLoader(dataset, batch_size=max(1, training.batch_size // ctx.world_size), sampler=sampler,
+                        collate_fn=collate_padded, num_workers=data.num_workers, drop_last=False,
+                        pin_memory=ctx.device.type == "cuda")
+    return dataset, sampler, loader

@@ -12,10 +12,6 @@ executed outside the browser), opens the copy in JupyterLab, runs all cells from
 - the "Save PNG" button writes a PNG file on disk.
 
 Screenshots go to the test's output folder and to ``outputs/e2e/``.
-
-While notebook 03 or ``xai_lib.explanation.viewer`` do not exist yet, the same browser checks run on a
-stand-in notebook (a minimal ipywidgets UI written by this test) so that the harness stays
-verified; set ``XAI_E2E_STANDIN=1`` to force the stand-in.
 """
 from __future__ import annotations
 
@@ -31,12 +27,11 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
-from .conftest import HUMAN_OUTPUT_DIR, REPO_ROOT, JupyterLabServer, e2e_required, publish_for_humans
+from .conftest import HUMAN_OUTPUT_DIR, REPO_ROOT, JupyterLabServer, publish_for_humans
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1200)]
 
 NOTEBOOK_03 = REPO_ROOT / "notebooks" / "03_attribution_visualization.ipynb"
-VIEWER_MODULE = REPO_ROOT / "xai_lib" / "viewer.py"
 
 PIPELINE_TIMEOUT_S = 900.0  # the smoke Stage 1 + Stage 2 run (2 shared CPU cores)
 NOTEBOOK_OPEN_TIMEOUT_S = 120.0  # JupyterLab loaded, notebook shown, kernel idle
@@ -54,7 +49,7 @@ class ViewerNotebook:
 
     Attributes:
         relative_path: path below the server's root directory.
-        kind: ``"notebook 03"`` or ``"stand-in"``.
+        kind: what it is, for messages (``"notebook 03"``).
         watch_dirs: folders where a saved PNG may appear.
         parameters: the injected parameters.
     """
@@ -63,104 +58,6 @@ class ViewerNotebook:
     kind: str
     watch_dirs: list[Path]
     parameters: dict[str, Any]
-
-
-def _standin_forced() -> bool:
-    return os.environ.get("XAI_E2E_STANDIN", "").strip() not in ("", "0")
-
-
-def _use_standin() -> bool:
-    return _standin_forced() or not (NOTEBOOK_03.is_file() and VIEWER_MODULE.is_file())
-
-
-STANDIN_UI = '''\
-import io
-import math
-import struct
-import wave
-from pathlib import Path
-
-import ipywidgets as widgets
-import numpy as np
-from IPython.display import display
-from matplotlib.figure import Figure
-
-UTTERANCES = {"LA_E_0001 (spoof)": 0, "LA_E_0002 (bonafide)": 1, "LA_E_0003 (spoof)": 2}
-METHODS = ["importance", "saliency", "occlusion"]
-
-
-def draw(utt: str, method: str, threshold: float) -> bytes:
-    rng = np.random.default_rng(UTTERANCES[utt] * 10 + METHODS.index(method))
-    spec = rng.random((40, 100))
-    importance = np.convolve(rng.random(100), np.ones(7) / 7, mode="same")
-    fig = Figure(figsize=(6, 2.5), dpi=80)
-    ax = fig.add_subplot()
-    ax.imshow(spec, origin="lower", aspect="auto", cmap="magma")
-    ax.plot(importance * 39, color="cyan")
-    ax.axhline(threshold * 39, color="white", ls="--")
-    ax.set_title(f"{utt} / {method}")
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    return buf.getvalue()
-
-
-def tone(freq: float, sr: int = 16000) -> bytes:
-    buf = io.BytesIO()
-    with wave.open(buf, "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(sr)
-        w.writeframes(b"".join(struct.pack("<h", int(8000 * math.sin(2 * math.pi * freq * i / sr)))
-                               for i in range(sr // 2)))
-    return buf.getvalue()
-
-
-utterance = widgets.Dropdown(options=list(UTTERANCES), description="Utterance")
-method = widgets.Dropdown(options=METHODS, description="Method")
-threshold = widgets.FloatSlider(value=0.5, min=0.0, max=1.0, step=0.05, description="Threshold")
-figure = widgets.Image(format="png")
-audio = widgets.Audio(format="wav", autoplay=False)
-save_button = widgets.Button(description="Save PNG")
-status = widgets.HTML()
-
-
-def redraw(*_):
-    figure.value = draw(utterance.value, method.value, threshold.value)
-
-
-def reload_audio(*_):
-    audio.value = tone(220.0 + 110.0 * UTTERANCES[utterance.value])
-
-
-def save(_):
-    out = Path(save_dir) / f"viewer_{UTTERANCES[utterance.value]}_{method.value}.png"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_bytes(figure.value)
-    status.value = f"saved <code>{out}</code>"
-
-
-for w in (utterance, method, threshold):
-    w.observe(redraw, names="value")
-utterance.observe(reload_audio, names="value")
-save_button.on_click(save)
-redraw()
-reload_audio()
-display(widgets.VBox([widgets.HBox([utterance, method, threshold]), audio, figure,
-                      widgets.HBox([save_button, status])]))
-'''
-
-
-def _write_standin_notebook(path: Path) -> None:
-    import nbformat
-
-    nb = nbformat.v4.new_notebook()
-    nb.metadata["kernelspec"] = {"display_name": "Python 3", "language": "python", "name": "python3"}
-    nb.metadata["language_info"] = {"name": "python"}
-    params = nbformat.v4.new_code_cell('save_dir: str = "."  # where "Save PNG" writes')
-    params.metadata["tags"] = ["parameters"]
-    nb.cells = [nbformat.v4.new_markdown_cell("# Stand-in viewer (e2e harness self-check)"), params,
-                nbformat.v4.new_code_cell(STANDIN_UI)]
-    nbformat.write(nb, path)
 
 
 def _prepare(source: Path, target: Path, parameters: dict[str, Any]) -> dict[str, Any]:
@@ -208,18 +105,6 @@ def _smoke_run(run_dir: Path, corpus: Path, log_path: Path) -> None:
 def viewer_notebook(jupyter_lab: JupyterLabServer, tmp_path: Path) -> ViewerNotebook:
     """The notebook the browser opens, in the server's root: notebook 03 with smoke parameters."""
     root = jupyter_lab.root_dir
-    if _use_standin():
-        if e2e_required() and not _standin_forced():
-            # Under `make test-e2e` the real viewer is what is being tested.
-            missing = [str(p.relative_to(REPO_ROOT)) for p in (NOTEBOOK_03, VIEWER_MODULE) if not p.is_file()]
-            pytest.fail(f"cannot test the viewer in the browser: missing {', '.join(missing)} "
-                        f"(set XAI_E2E_STANDIN=1 to check only the harness)", pytrace=False)
-        save_dir = tmp_path / "standin-saves"
-        source = tmp_path / "standin_viewer.ipynb"
-        _write_standin_notebook(source)
-        injected = _prepare(source, root / "standin_viewer.ipynb", {"save_dir": str(save_dir)})
-        return ViewerNotebook("standin_viewer.ipynb", "stand-in", [save_dir, root], injected)
-
     run_dir = tmp_path / "smoke-run"
     corpus = tmp_path / "corpus"
     _smoke_run(run_dir, corpus, tmp_path / "pipeline.log")

@@ -81,6 +81,8 @@ __all__ = [
     "TRAIN_ATTACKS",
     "EVAL_ATTACKS",
     "GENERATOR_VERSION",
+    "DEMO_CORPUS",
+    "ensure_demo_corpus",
     "CorpusSize",
     "generate_corpus",
     "segment_labels_from_spans",
@@ -780,6 +782,27 @@ def _prepare_out(out: Path, seed: int, size: str, overwrite: bool) -> bool:
             "database. Choose an empty output folder (nothing was changed)."
         )
     return False
+
+
+#: Where the embedded demo corpus lives, relative to the project (configs/demo.yaml's data.root).
+DEMO_CORPUS = "outputs/data/demo_corpus"
+
+
+def ensure_demo_corpus(root: str | Path, progress: bool = True) -> bool:
+    """Generate the embedded demo corpus at ``root`` when ``root`` is its place and it is absent.
+
+    Lets notebook 01 run by hand on a fresh clone. Any other folder, or one that already
+    holds a corpus (of any size), is left as it is.
+
+    Returns:
+        True when a corpus was generated.
+    """
+    root = Path(root)
+    if tuple(root.parts[-3:]) != tuple(Path(DEMO_CORPUS).parts) or (root / "corpus.json").is_file():
+        return False
+    log.info("generating the demo corpus into %s", root)
+    generate_corpus(root, seed=0, size="demo", progress=progress)
+    return True
 
 
 def generate_corpus(

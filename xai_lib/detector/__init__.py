@@ -12,7 +12,7 @@ Modules:
 from xai_lib.detector.checkpoint import LoadReport, average_state_dicts, load_detector, save_detector
 from xai_lib.detector.metrics import compute_det_curve, compute_min_tdcf, eer_per_attack, utterance_eer
 from xai_lib.detector.model import Detector, DetectorOutput, PretrainedNotFoundError, build_ssl
-from xai_lib.detector.training import Stage1Result, evaluate_detector, score_utterances, stage1_report, train_stage1
+from xai_lib.detector.training import SMOKE_OVERRIDES, Stage1Result, stage1_config, evaluate_detector, score_utterances, stage1_report, train_stage1
 
 __all__ = [
     "Detector",
@@ -23,6 +23,8 @@ __all__ = [
     "load_detector",
     "save_detector",
     "average_state_dicts",
+    "SMOKE_OVERRIDES",
+    "stage1_config",
     "Stage1Result",
     "train_stage1",
     "evaluate_detector",

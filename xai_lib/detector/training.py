@@ -30,11 +30,11 @@ import soundfile as sf
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from xai_lib.config import Stage1Config, config_to_dict, save_config
-from xai_lib.data.datasets import EvalDataset, TrainDataset, build_split, collate_padded, scan_audio
+from xai_lib.config import Stage1Config, config_to_dict, notebook_config, save_config
+from xai_lib.data.datasets import EvalDataset, build_split, collate_padded, scan_audio
 from xai_lib.data.protocols import Utterance
 from xai_lib.detector.metrics import utterance_eer
 from xai_lib.detector.checkpoint import average_state_dicts, save_detector
@@ -52,12 +52,14 @@ from xai_lib.training import (
     save_training_state,
     start_run,
     summary_writer,
+    training_loader,
     wrap_ddp,
 )
 
 __all__ = [
     "STATE_NAME",
     "SMOKE_OVERRIDES",
+    "stage1_config",
     "Stage1Result",
     "train_stage1",
     "evaluate_detector",
@@ -269,37 +271,8 @@ def train_stage1(
     ckpt_dir = run_dir / "checkpoints" / "stage1"
     state_path = ckpt_dir / STATE_NAME
 
-    train_utts = _prepare_utterances(cfg, "train")
+    train_ds, sampler, train_loader = training_loader(cfg.data, tc, ctx, cfg.data.rawboost_algo)
     dev_utts = _prepare_utterances(cfg, "dev")
-    train_ds = TrainDataset(
-        train_utts,
-        crop_samples=cfg.data.crop_samples,
-        sample_rate=cfg.data.sample_rate,
-        rawboost_algo=cfg.data.rawboost_algo,
-        seed=tc.seed,
-        on_bad_audio=cfg.data.on_bad_audio,
-        splice_prob=cfg.data.splice_prob,
-        splice_min_samples=int(round(cfg.data.splice_min_s * cfg.data.sample_rate)),
-        splice_max_fraction=cfg.data.splice_max_fraction,
-    )
-    if tc.batch_size % ctx.world_size:
-        log.warning("training.batch_size=%d is not a multiple of the %d processes; the global batch is %d",
-                    tc.batch_size, ctx.world_size, max(1, tc.batch_size // ctx.world_size) * ctx.world_size)
-    per_rank_batch = max(1, tc.batch_size // ctx.world_size)
-    # One sampler for both cases: single-process is the 1-replica case, so a run on N ranks
-    # sees, step by step, the same utterances as one process with the same global batch.
-    sampler = DistributedSampler(
-        train_ds, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=tc.seed, drop_last=False
-    )
-    train_loader = DataLoader(
-        train_ds,
-        batch_size=per_rank_batch,
-        sampler=sampler,
-        collate_fn=collate_padded,
-        num_workers=cfg.data.num_workers,
-        drop_last=False,
-        pin_memory=device.type == "cuda",
-    )
     dev_loader = _eval_loader(dev_utts, cfg, ctx, cfg.data.eval_crop_samples)
 
     model = Detector(cfg.model).to(device)
@@ -335,8 +308,7 @@ def train_stage1(
     best = BestCheckpoints(ckpt_dir, tc.keep_best)
 
     train_model = wrap_ddp(model, ctx)
-    writer = summary_writer(run_dir / "logs" / "stage1_detector", enabled=ctx.is_main,
-                            purge_step=global_step if state is not None else None)
+    writer = summary_writer(run_dir / "logs" / "stage1_detector", enabled=ctx.is_main, completed_steps=global_step)
     stopped_early = state is not None and bool(state.get("stopped", False))
     if stopped_early:
         log.info("the resumed run had already stopped early after epoch %d", start_epoch)
@@ -429,7 +401,7 @@ def train_stage1(
                 "epochs_completed": epochs_completed,
                 "stopped_early": bool(stopped_early),
                 "world_size": ctx.world_size,
-                "global_batch": per_rank_batch * ctx.world_size,
+                "global_batch": train_loader.batch_size * ctx.world_size,
             },
         )
         log.info("Stage 1: %d epochs, averaged epochs %s -> %s", epochs_completed, best_epochs, final)
@@ -527,6 +499,27 @@ SMOKE_OVERRIDES = [
     "data.max_eval_utts=8",
     "data.crop_samples=8000",
 ]
+
+
+def stage1_config(
+    config_path: str | Path,
+    overrides: Sequence[str] = (),
+    data_root: str | Path | None = None,
+    batch_size: int | None = None,
+    num_epochs: int | None = None,
+    seed: int | None = None,
+    smoke: bool = False,
+) -> Stage1Config:
+    """The Stage-1 config of notebook 01's parameters (``None``: the config file's value).
+
+    The notebook run by hand and the pipeline call this with their parameters, so both
+    paths resolve the same config (see :func:`xai_lib.config.notebook_config`).
+    """
+    return notebook_config(
+        config_path, Stage1Config, overrides, data_root=data_root,
+        settings={"training.batch_size": batch_size, "training.num_epochs": num_epochs, "training.seed": seed},
+        final_overrides=SMOKE_OVERRIDES if smoke else (),
+    )
 
 
 def read_asv_scores(path: str | Path) -> dict[str, np.ndarray]:

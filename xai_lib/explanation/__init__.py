@@ -15,7 +15,7 @@ Modules:
 from xai_lib.explanation.evaluation import evaluate_methods, load_explanation_set
 from xai_lib.explanation.methods import METHOD_REGISTRY, METHODS, Attributor, FrameAttribution, attribute
 from xai_lib.explanation.metrics import deletion_insertion, frame_eer, frame_roc_auc, localization_metrics
-from xai_lib.explanation.report import metrics_table, run_stage3, similarity_fn, viewer_items
+from xai_lib.explanation.report import metrics_table, run_data_config, run_stage3, similarity_fn, viewer_items
 from xai_lib.explanation.viewer import ImportanceViewer
 
 __all__ = [
@@ -30,6 +30,7 @@ __all__ = [
     "frame_eer",
     "evaluate_methods",
     "load_explanation_set",
+    "run_data_config",
     "run_stage3",
     "metrics_table",
     "similarity_fn",

@@ -16,12 +16,35 @@ from xai_lib import plots
 from xai_lib.explanation.methods import METHODS
 from xai_lib.explanation.evaluation import evaluate_methods
 
-__all__ = ["STAGE3_KEYS", "run_stage3", "viewer_items", "similarity_fn", "metrics_table"]
+__all__ = ["STAGE3_KEYS", "run_data_config", "run_stage3", "viewer_items", "similarity_fn", "metrics_table"]
 
 log = logging.getLogger(__name__)
 
 #: The per-method keys of ``metrics.json["stage3"]["methods"][NAME]``.
 STAGE3_KEYS = ("deletion_auc", "insertion_auc", "loc_auc", "loc_eer", "pointing_game", "ms_per_utt", "cost_vs_forward")
+
+
+def run_data_config(run_dir: str | Path, data_root: str | Path | None = None, overrides: Sequence[str] = ()) -> Any:
+    """The data Stage 3 explains: the ``data`` section the run trained with.
+
+    Read from ``run_dir/config_stage2.yaml`` (else ``config_stage1.yaml``), so protocols,
+    partially spoofed subsets and segment labels in non-default places reach Stage 3 as
+    they reached Stages 1 and 2; ``data_root`` and ``data.*`` ``overrides`` still apply.
+
+    Raises:
+        FileNotFoundError: the run holds neither config (the message says what to run).
+        ConfigError: a bad override (naming it).
+    """
+    from xai_lib.config import Stage1Config, Stage2Config, notebook_config
+
+    run_dir = Path(run_dir)
+    for name, schema in (("config_stage2.yaml", Stage2Config), ("config_stage1.yaml", Stage1Config)):
+        if (run_dir / name).is_file():
+            return notebook_config(run_dir / name, schema, overrides, data_root=data_root).data
+    raise FileNotFoundError(
+        f"{run_dir} holds neither config_stage2.yaml nor config_stage1.yaml: Stage 3 explains the data of a "
+        "trained run. Run notebooks 01 and 02 (or the pipeline's --stage1 --stage2) into this run directory first."
+    )
 
 
 def _spans(mask: np.ndarray | None, hop: float) -> list[tuple[float, float]] | None:

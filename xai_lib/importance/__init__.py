@@ -22,6 +22,7 @@ from xai_lib.importance.training import (
     Stage2Result,
     load_frozen_detector,
     resolve_detector,
+    stage2_config,
     train_stage2,
 )
 
@@ -34,6 +35,7 @@ __all__ = [
     "save_xai",
     "load_xai",
     "SMOKE_OVERRIDES",
+    "stage2_config",
     "NoStage1ModelError",
     "Stage2Result",
     "resolve_detector",

@@ -54,8 +54,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm.auto import tqdm
 
-from xai_lib.config import ConfigError, Stage2Config, config_to_dict, save_config
-from xai_lib.data.datasets import EvalDataset, TrainDataset, build_split, collate_padded
+from xai_lib.config import ConfigError, Stage2Config, config_to_dict, notebook_config, save_config
+from xai_lib.data.datasets import EvalDataset, build_split, collate_padded
 from xai_lib.data.protocols import Utterance
 from xai_lib.importance.loss import fidelity_probabilities, xai_loss
 from xai_lib.detector.checkpoint import load_detector
@@ -76,10 +76,12 @@ from xai_lib.training import (
     save_training_state,
     start_run,
     summary_writer,
+    training_loader,
 )
 
 __all__ = [
     "SMOKE_OVERRIDES",
+    "stage2_config",
     "LOSS_TERMS",
     "NoStage1ModelError",
     "Stage2Result",
@@ -106,6 +108,30 @@ SMOKE_OVERRIDES = [
     "data.max_eval_utts=8",
     "data.crop_samples=8000",
 ]
+
+
+def stage2_config(
+    config_path: str | Path,
+    overrides: Sequence[str] = (),
+    data_root: str | Path | None = None,
+    prototype_mode: str | None = None,
+    lambda_fidelity: float | None = None,
+    batch_size: int | None = None,
+    num_epochs: int | None = None,
+    seed: int | None = None,
+    smoke: bool = False,
+) -> Stage2Config:
+    """The Stage-2 config of notebook 02's parameters (``None``: the config file's value).
+
+    The notebook run by hand and the pipeline call this with their parameters, so both
+    paths resolve the same config (see :func:`xai_lib.config.notebook_config`).
+    """
+    return notebook_config(
+        config_path, Stage2Config, overrides, data_root=data_root,
+        settings={"xai.prototype_mode": prototype_mode, "xai.lambda_fidelity": lambda_fidelity,
+                  "training.batch_size": batch_size, "training.num_epochs": num_epochs, "training.seed": seed},
+        final_overrides=SMOKE_OVERRIDES if smoke else (),
+    )
 
 
 # ----------------------------------------------------------------------------- the detector
@@ -432,8 +458,8 @@ def train_stage2(
     sha = file_sha256(det_path)
     _check_consistency(cfg, detector, det_path)
     kind = cfg.xai.representation
-    smooth = smoothing_frames(cfg.xai.importance_smoothing_s)
-    crop_frames = cfg.data.crop_samples // 320
+    smooth = smoothing_frames(cfg.xai.importance_smoothing_s, detector.frame_hop_s)
+    crop_frames = int(detector.num_frames(torch.tensor([cfg.data.crop_samples])).item())
     if smooth > 1 and 3 * smooth > crop_frames:
         log.warning("xai.importance_smoothing_s=%s averages w over %d of the %d frames of a training crop "
                     "(data.crop_samples=%d): w is nearly constant within a crop and learns little; keep the "
@@ -448,18 +474,10 @@ def train_stage2(
     if ctx.is_main:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
 
-    train_utts = build_split(cfg.data, "train")
-    dev_utts = build_split(cfg.data, "dev")
     # random crop positions (seeded by seed, epoch, index); no RawBoost: we explain clean input
-    train_ds = TrainDataset(train_utts, crop_samples=cfg.data.crop_samples, sample_rate=cfg.data.sample_rate,
-                            rawboost_algo=0, seed=tc.seed, on_bad_audio=cfg.data.on_bad_audio,
-                            splice_prob=cfg.data.splice_prob,
-                            splice_min_samples=int(round(cfg.data.splice_min_s * cfg.data.sample_rate)),
-                            splice_max_fraction=cfg.data.splice_max_fraction)
-    sampler = DistributedSampler(train_ds, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True,
-                                 seed=tc.seed, drop_last=False)
-    train_loader = DataLoader(train_ds, batch_size=max(1, tc.batch_size // ctx.world_size), sampler=sampler,
-                              collate_fn=collate_padded, num_workers=cfg.data.num_workers)
+    train_ds, sampler, train_loader = training_loader(cfg.data, tc, ctx, rawboost_algo=0)
+    train_utts = train_ds.utts
+    dev_utts = build_split(cfg.data, "dev")
     dev_ds = EvalDataset(dev_utts, sample_rate=cfg.data.sample_rate, crop_samples=cfg.data.crop_samples,
                          on_bad_audio=cfg.data.on_bad_audio)
     dev_sampler = DistributedSampler(dev_ds, shuffle=False, drop_last=False) if ctx.distributed else None
@@ -498,7 +516,7 @@ def train_stage2(
     if ctx.distributed:
         train_model = DDP(xai, device_ids=[device.index] if device.type == "cuda" else None)
     # events at or after the first step this run writes (left by an interrupted or earlier run) are hidden
-    writer = summary_writer(run_dir / "logs" / "stage2_xai", enabled=ctx.is_main, purge_step=global_step + 1)
+    writer = summary_writer(run_dir / "logs" / "stage2_xai", enabled=ctx.is_main, completed_steps=global_step)
     epoch = start_epoch
     try:
         for epoch in range(start_epoch, tc.num_epochs):

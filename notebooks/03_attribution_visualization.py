@@ -1,0 +1,120 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 03 · Stage 3: compare explanations, and look at them
+#
+# **What it does.** Explains the frozen detector's *spoof* decisions on partially spoofed
+# utterances, whose spliced spans are known, with every method: the learned Stage-2
+# importance, captum's Integrated Gradients, saliency and 20 ms occlusion, attention rollout
+# over the TCM attention maps, and a random floor. Measures faithfulness (deletion / insertion
+# AUC on the frozen detector), localisation (frame ROC-AUC, frame EER, pointing game) and
+# cost, draws the figures, and ends with the interactive viewer.
+#
+# **What it needs.** A run directory with notebooks 01 and 02 done (`run_dir`). The data is
+# the one the run trained with (its `config_stage2.yaml`); `data_root` and `overrides`
+# (`data.*`) point it elsewhere.
+#
+# **Where the products go.** `run_dir/figures/stage3_*.png` and `metrics.json["stage3"]`.
+# About 1 minute on 2 CPU cores with the defaults (Integrated Gradients and occlusion take
+# most of it).
+
+# %% tags=["parameters"]
+stage1_checkpoint: str = ""  # Stage-1 checkpoint; empty: run_dir/stage1_detector.pth
+stage2_checkpoint: str = ""  # Stage-2 checkpoint; empty: run_dir/stage2_xai.pth
+data_root: str = ""  # database root; empty: the one the run trained with
+overrides: list = []  # data.* overrides as KEY-equals-VALUE strings, on top of the run's data config
+run_dir: str = "outputs/lab"  # run directory of notebooks 01 and 02; receives figures and metrics
+split: str = "eval"  # partially spoofed subset to explain: dev or eval
+methods: list = ["importance", "integrated_gradients", "saliency", "occlusion", "attention_rollout", "random"]  # methods to compare
+num_utterances: int = 24  # utterances explained by every method
+ig_steps: int = 50  # Integrated Gradients steps
+smoke: bool = False  # seconds-long run
+seed: int = 1234  # random seed (utterance draw, random baseline)
+
+# %%
+import logging
+
+from IPython.display import Image, Markdown, display
+
+from xai_lib.detector import load_detector
+from xai_lib.explanation import (
+    ImportanceViewer,
+    load_explanation_set,
+    metrics_table,
+    run_data_config,
+    run_stage3,
+    similarity_fn,
+    viewer_items,
+)
+from xai_lib.importance import load_xai
+from xai_lib.paths import resolve_path
+from xai_lib.runs import merge_metrics
+
+logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", force=True)
+logging.getLogger("xai_lib").setLevel(logging.INFO)
+run_dir = resolve_path(run_dir)
+stage1_path = resolve_path(stage1_checkpoint) if stage1_checkpoint else run_dir / "stage1_detector.pth"
+stage2_path = resolve_path(stage2_checkpoint) if stage2_checkpoint else run_dir / "stage2_xai.pth"
+if smoke:
+    num_utterances, ig_steps = min(num_utterances, 4), min(ig_steps, 4)
+detector = load_detector(stage1_path)
+xai = load_xai(stage2_path, detector=detector) if "importance" in methods else None
+data_cfg = run_data_config(run_dir, data_root, overrides)
+items = load_explanation_set(data_cfg, split=split, num_utterances=num_utterances, seed=seed, detector=detector)
+print(f"detector: {stage1_path}\nxai:      {stage2_path}\ndata:     {data_cfg.root}\n"
+      f"items:    {len(items)} partially spoofed {split} utterances")
+
+# %% [markdown]
+# ## Every method on the same utterances
+# Deletion AUC: lower is better (removing the top frames first should destroy the spoof
+# evidence fast); insertion AUC, localisation ROC-AUC and pointing game: higher is better;
+# `random` is the floor; the last two columns are the cost.
+
+# %%
+stage3 = run_stage3(detector, xai, items, run_dir, methods=methods, seed=seed,
+                    method_kwargs={"integrated_gradients": {"n_steps": ig_steps}})
+stage3.update(split=split, ig_steps=ig_steps)
+merge_metrics(run_dir, "stage3", stage3)
+display(Markdown(metrics_table(stage3["methods"])))
+
+# %% [markdown]
+# ## Figures
+# The deletion and insertion curves of every method, then for a few utterances every method's
+# frame scores under the spectrogram (hatched: the spliced spans) and the learned importance
+# over the spectrogram with the waveform and the prototype similarities.
+
+# %%
+for png in stage3["figures"]:
+    display(Image(filename=png))
+
+# %% [markdown]
+# ## The viewer
+# Pick an utterance and a method, listen, and move the threshold to highlight the frames above
+# it; *Save PNG* writes the figure into `run_dir/figures/`. (In an executed copy saved by the
+# pipeline the widget is static; open this notebook in JupyterLab to use it.)
+
+# %%
+viewer = ImportanceViewer.from_detector(
+    detector, viewer_items(items, detector.frame_hop_s), importance_model=xai,
+    methods=[m for m in methods if m != "importance" or xai is not None],
+    method_options={"integrated_gradients": {"n_steps": ig_steps}},
+    similarity_fn=similarity_fn(detector, xai) if xai is not None else None,
+    save_dir=run_dir / "figures",
+)
+viewer.save_png()
+viewer
+
+# %% [markdown]
+# Use the viewer to listen to what each method flags: pick a partially spoofed utterance, set
+# the method to `importance`, and compare the highlighted frames with the hatched spans.
