@@ -109,7 +109,9 @@ def test_perfect_explanation_beats_random_through_evaluate_methods():
     assert imp["pointing_game"] == 1.0
     # occlusion recovers the same ordering on this model
     assert res["occlusion"]["loc_auc"] == pytest.approx(1.0)
-    json.dumps(res)  # metrics.json-ready
+    # every value but the per-item attributions (kept for figures) is metrics.json-ready
+    json.dumps({m: {k: v for k, v in r.items() if k != "attributions"} for m, r in res.items()})
+    assert [a.shape for a in imp["attributions"]] == [np.asarray(it["spoof_mask"]).shape for it in items]
     assert det.gain.grad is None and det.gain.item() == 1.0
 
 
