@@ -416,3 +416,27 @@ def test_smoothing_wider_than_a_third_of_the_crop_is_warned(tmp_path, tiny_corpu
         train_stage2(cfg, _run_dir(tmp_path / "s", detector_file), progress=False)
     assert any("importance_smoothing_s=0.3" in r.getMessage() and "of the 24 frames" in r.getMessage()
                for r in caplog.records), [r.getMessage() for r in caplog.records]
+
+
+def test_calibrated_module_with_the_neutral_removal(tmp_path, tiny_corpus, detector_file):
+    """Stage 2 stores the label-free threshold and the bona fide removal reference, and the report
+    measures the calibrated answer and what the detector makes of an utterance with every frame removed."""
+    cfg = _cfg(tiny_corpus, "xai.removal=bonafide", "xai.reference_utterances=2", "xai.lambda_frame=1",
+               "xai.false_flag_rate=0.05", "data.splice_prob=0.5", "training.num_epochs=1")
+    result = train_stage2(cfg, _run_dir(tmp_path, detector_file), progress=False)
+    xai = load_xai(result.checkpoint)
+    cal = xai.calibration
+    assert cal is not None and cal["false_flag_rate"] == 0.05 and cal["split"] == "dev" and cal["n_frames"] > 0
+    assert xai.removal_reference is not None and xai.removal_reference.features.shape[0] == 2
+    metrics = stage2_report(result, cfg, tmp_path, progress=False)
+    json.dumps(metrics)
+    dev = metrics["calibrated_dev"]
+    assert set(dev) == {"threshold", "false_flag_rate", "precision", "recall", "f1", "iou", "frame_eer_by_resolution"}
+    assert dev["threshold"] == cal["threshold"]
+    # the threshold was chosen on these bona fide dev frames: about 5 % of them lie above it
+    assert dev["false_flag_rate"] <= 0.05 + 0.02
+    assert set(dev["frame_eer_by_resolution"]) == {"0.02", "0.04", "0.08", "0.16", "0.32", "0.64"}
+    assert 0.0 <= metrics["importance_frac_above_threshold"] <= 1.0
+    removal = metrics["removal_baseline_p_spoof"]
+    assert removal["removal"] == "bonafide" and set(removal) == {"bonafide", "spoof", "bonafide_as_is", "removal"}
+    assert "frame" in metrics["final_losses"]["train"]

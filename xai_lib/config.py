@@ -261,6 +261,17 @@ class XAIConfig:
     lambda_sparsity: float = 0.01
     lambda_fidelity: float = 1.0  # 0 reproduces the seed objective
     target_sparsity: float = 0.3  # fraction of frames a spoof explanation marks; also the fidelity keep budget
+    # weak frame labels: binary cross-entropy of w(t) against each frame's label -- the utterance's
+    # label on every frame, or, on a spliced training crop (data.splice_prob), 1 inside the inserted
+    # spoof span and 0 around it. Gives w an absolute scale on every corpus; 0 = off (the seed)
+    lambda_frame: float = 0.0
+    # how the fidelity term removes a frame: "zero" (its neck output zeroed, the seed) or "bonafide"
+    # (replaced by the same frame of a bona fide reference utterance, xai_lib.detector.removal)
+    removal: str = "zero"
+    reference_utterances: int = 8  # bona fide references for removal "bonafide"
+    # label-free calibration: the frame threshold is the (1 - false_flag_rate) quantile of w over
+    # every frame of the bona fide dev utterances
+    false_flag_rate: float = 0.01
 
     def __post_init__(self) -> None:
         if self.representation not in ("ssl", "backend"):
@@ -280,7 +291,13 @@ class XAIConfig:
         _check_range("xai.importance_smoothing_s", self.importance_smoothing_s, 0.0, 10.0)
         _check_range("xai.dropout", self.dropout, 0.0, 1.0, hi_open=True)
         _check_positive("xai.temperature", self.temperature)
-        for name in ("lambda_bonafide_reg", "lambda_temporal_smooth", "lambda_sparsity", "lambda_fidelity"):
+        if self.removal not in ("zero", "bonafide"):
+            raise ConfigError(f"xai.removal must be 'zero' or 'bonafide', got {self.removal!r}")
+        _check_positive("xai.reference_utterances", self.reference_utterances)
+        _check_range("xai.false_flag_rate", self.false_flag_rate, 0.0, 0.5, hi_open=True)
+        if self.false_flag_rate == 0:
+            raise ConfigError("xai.false_flag_rate must be in (0, 0.5): the share of bona fide frames allowed above the threshold")
+        for name in ("lambda_bonafide_reg", "lambda_temporal_smooth", "lambda_sparsity", "lambda_fidelity", "lambda_frame"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"xai.{name} must be >= 0, got {getattr(self, name)}")
         _check_range("xai.target_sparsity", self.target_sparsity, 0.0, 1.0)

@@ -84,12 +84,17 @@ class _AudioDataset(Dataset):
         return _report(self.skipped, len(self.utts))
 
     @staticmethod
-    def _item(utt: Utterance, wave: np.ndarray) -> dict[str, Any]:
+    def _item(utt: Utterance, wave: np.ndarray, spoof_span: tuple[int, int] | None = None) -> dict[str, Any]:
+        """One item; ``spoof_span``: the spoofed samples ``[start, end)`` of ``wave`` (default: all
+        of a spoof utterance, none of a bona fide one)."""
+        if spoof_span is None:
+            spoof_span = (0, len(wave)) if utt.label == 0 else (0, 0)
         return {
             "wave": torch.from_numpy(np.ascontiguousarray(wave, dtype=np.float32)),
             "label": -1 if utt.label is None else int(utt.label),
             "utt_id": utt.utt_id,
             "attack": utt.attack,
+            "spoof_span": tuple(int(s) for s in spoof_span),
         }
 
 
@@ -165,26 +170,31 @@ class TrainDataset(_AudioDataset):
             return None
         rng = np.random.default_rng([self.seed % 2**32, self.epoch, index])
         x = crop_or_pad(x, self.crop_samples, rng)  # (crop_samples,)
+        span = None
         if self.splice_prob and utt.label in (0, 1) and rng.random() < self.splice_prob:
-            x = self._splice(index, utt.label, x, rng)
+            x, span = self._splice(index, utt.label, x, rng)
         if self.rawboost_algo:
             x = rawboost(x, self.rawboost_algo, self.sample_rate, rng)
-        return self._item(utt, x)
+        return self._item(utt, x, span)
 
-    def _splice(self, index: int, label: int, x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        """``x`` spliced with a random bona fide partner (see the class doc); ``x`` when there is none."""
+    def _splice(
+        self, index: int, label: int, x: np.ndarray, rng: np.random.Generator
+    ) -> tuple[np.ndarray, tuple[int, int] | None]:
+        """``x`` spliced with a random bona fide partner (see the class doc) and its spoofed span
+        (``(0, 0)`` for a bona fide crop); ``(x, None)`` when there is no partner."""
         partners = [i for i in self._bonafide if i != index] if label == 1 else self._bonafide
         if not partners:
-            return x
+            return x, None
         other = self._load(self.utts[partners[int(rng.integers(len(partners)))]])
         if other is None:
-            return x
+            return x, None
         other = crop_or_pad(other, self.crop_samples, rng)
         n = int(rng.integers(self.splice_min_samples, self.splice_max_samples + 1))
         start = int(rng.integers(0, self.crop_samples - n + 1))
         base, inserted = (other, x) if label == 0 else (x, other)  # a spoof span goes into a bona fide crop
         fade = max(1, int(0.005 * self.sample_rate))
-        return splice(base.astype(np.float64), inserted.astype(np.float64), [(start, start + n)], fade).astype(x.dtype)
+        y = splice(base.astype(np.float64), inserted.astype(np.float64), [(start, start + n)], fade).astype(x.dtype)
+        return y, ((start, start + n) if label == 0 else (0, 0))
 
 
 class EvalDataset(_AudioDataset):
@@ -240,7 +250,8 @@ def collate_padded(items: Sequence[dict[str, Any] | None]) -> dict[str, Any]:
 
     Returns:
         ``wave`` (B, L) float32, ``lengths`` (B,) long, ``labels`` (B,) long (-1 = unknown),
-        ``utt_ids`` list[str], ``attacks`` list[str]. B may be 0 when every item was skipped.
+        ``utt_ids`` list[str], ``attacks`` list[str], ``spoof_spans`` (B, 2) long: the spoofed
+        samples ``[start, end)`` of each wave. B may be 0 when every item was skipped.
     """
     kept = [it for it in items if it is not None]
     wave, lengths = pad_batch([it["wave"] for it in kept])
@@ -250,6 +261,7 @@ def collate_padded(items: Sequence[dict[str, Any] | None]) -> dict[str, Any]:
         "labels": torch.tensor([int(it["label"]) for it in kept], dtype=torch.long),
         "utt_ids": [it["utt_id"] for it in kept],
         "attacks": [it.get("attack", "-") for it in kept],
+        "spoof_spans": torch.tensor([it.get("spoof_span", (0, 0)) for it in kept], dtype=torch.long).reshape(-1, 2),
     }
 
 

@@ -52,6 +52,7 @@ from tqdm.auto import tqdm
 
 from xai_lib.explanation.methods import METHODS, Attributor, ImportanceModel, synchronize
 from xai_lib.data.audio import load_audio, pad_batch
+from xai_lib.detector.removal import BonafideReference
 from xai_lib.explanation.metrics import deletion_insertion, localization_metrics, localization_per_attack
 
 __all__ = [
@@ -61,6 +62,8 @@ __all__ = [
     "evaluate_methods",
     "time_forward",
     "load_explanation_set",
+    "load_utterance_items",
+    "attribute_items",
 ]
 
 logger = logging.getLogger(__name__)
@@ -103,10 +106,12 @@ class _RepresentationScorer:
         frame_mask: (B, T) bool valid frames.
     """
 
-    def __init__(self, detector: nn.Module, ssl_features: Tensor, frame_mask: Tensor) -> None:
+    def __init__(self, detector: nn.Module, ssl_features: Tensor, frame_mask: Tensor,
+                 reference: BonafideReference | None = None) -> None:
         self.detector = detector
         self.ssl_features = ssl_features
         self.frame_mask = frame_mask
+        self.reference = reference
 
     def __call__(self, keep: Tensor) -> Tensor:
         """keep (B, T) float in {0, 1} (or [0, 1]) -> (B,) spoof probability."""
@@ -114,23 +119,27 @@ class _RepresentationScorer:
         if keep.shape != self.frame_mask.shape:
             raise ValueError(f"keep must be (B, T) = {tuple(self.frame_mask.shape)}, got {tuple(keep.shape)}")
         with torch.no_grad():
-            logits = self.detector.backend(self.ssl_features, self.frame_mask, frame_weights=keep).logits
+            if self.reference is None:
+                logits = self.detector.backend(self.ssl_features, self.frame_mask, frame_weights=keep).logits
+            else:
+                logits = self.detector.backend(self.reference.remove(self.ssl_features, keep), self.frame_mask).logits
         return logits.float().softmax(dim=-1)[:, 0]
 
     def select(self, rows: Sequence[int]) -> _RepresentationScorer:
         """The scorer restricted to the utterances ``rows`` of the batch."""
         idx = torch.as_tensor(list(rows), dtype=torch.long, device=self.ssl_features.device)
-        return _RepresentationScorer(self.detector, self.ssl_features[idx], self.frame_mask[idx])
+        return _RepresentationScorer(self.detector, self.ssl_features[idx], self.frame_mask[idx], self.reference)
 
 
 def representation_score_fn(
-    detector: nn.Module, wave: Tensor, lengths: Tensor | None = None
+    detector: nn.Module, wave: Tensor, lengths: Tensor | None = None, reference: BonafideReference | None = None
 ) -> _RepresentationScorer:
     """A deletion/insertion ``score_fn`` that removes frames in the detector's representation.
 
     The SSL features of ``wave`` are computed once (frozen front end, no grad); each call
-    runs the frozen back end with ``frame_weights = keep``, i.e. the neck output of every
-    frame with ``keep = 0`` is zeroed (the same removal as Stage 2's fidelity term).
+    runs the frozen back end with the frames of ``keep = 0`` removed, as Stage 2's fidelity
+    term removes them: replaced by the same frames of a bona fide reference utterance
+    (``reference``, :mod:`xai_lib.detector.removal`), or, without one, their neck output zeroed.
 
     Args:
         detector: the frozen detector (``frontend``/``backend``); kept in eval, not modified.
@@ -149,7 +158,7 @@ def representation_score_fn(
         lengths = torch.as_tensor(lengths, dtype=torch.long).to(device)
     with torch.no_grad():
         ssl_features, frame_mask = detector.frontend(wave, lengths)  # (B, T, D), (B, T)
-    return _RepresentationScorer(detector, ssl_features, frame_mask)
+    return _RepresentationScorer(detector, ssl_features, frame_mask, reference)
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -198,6 +207,7 @@ def evaluate_methods(
     method_kwargs: Mapping[str, Mapping[str, Any]] | None = None,
     warmup: bool = True,
     forward_repeats: int = 3,
+    reference: BonafideReference | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Faithfulness, localization and cost of every method on the same utterances.
 
@@ -223,6 +233,8 @@ def evaluate_methods(
             so that one-time start-up costs do not land in ``ms_per_utt``.
         forward_repeats: the reference forward pass of each batch is timed this many times
             and the median is used (one pass is cheap and noisy; attributions are timed once).
+        reference: the bona fide frames that replace removed ones in deletion/insertion
+            (``None``: removed frames are zeroed).
 
     Returns:
         ``{method: {...}}`` with exactly the keys of :data:`RESULT_KEYS`:
@@ -274,7 +286,7 @@ def evaluate_methods(
         wave, lengths = wave.to(device), lengths.to(device)
         forward_seconds += time_forward(detector, wave, lengths, forward_repeats)
 
-        scorer = representation_score_fn(detector, wave, lengths)
+        scorer = representation_score_fn(detector, wave, lengths, reference)
         faith_rows = [j for j, i in enumerate(rows) if data[i]["label"] != 1]
         faith_scorer = scorer.select(faith_rows) if faith_rows else None
 
@@ -329,6 +341,60 @@ def evaluate_methods(
         )
     logger.info("detector forward: %.1f ms/utt over %d utterances", forward_ms, n)
     return results
+
+
+def attribute_items(
+    detector: nn.Module,
+    importance_model: ImportanceModel | None,
+    items: Sequence[Mapping[str, Any]],
+    methods: Sequence[str],
+    method_kwargs: Mapping[str, Mapping[str, Any]] | None = None,
+    batch_size: int = 8,
+    seed: int = 0,
+) -> dict[str, list[np.ndarray]]:
+    """Raw frame scores of every item by every method (batched by length, target spoof).
+
+    Returns:
+        ``{method: [(T_i,) array per item, in the order of items]}``.
+    """
+    data = _check_items(items)
+    attributor = Attributor(detector, importance_model)
+    order = sorted(range(len(data)), key=lambda i: -data[i]["wave"].numel())
+    out: dict[str, list[np.ndarray | None]] = {m: [None] * len(data) for m in methods}
+    for k, start in enumerate(range(0, len(order), batch_size)):
+        rows = order[start: start + batch_size]
+        wave, lengths = pad_batch([data[i]["wave"] for i in rows])
+        wave, lengths = wave.to(attributor.device), lengths.to(attributor.device)
+        for m in methods:
+            kw = dict((method_kwargs or {}).get(m, {}))
+            if m == "random":
+                kw["seed"] = seed + 1000 + k
+            per_utt = attributor.attribute(wave, lengths, method=m, target=0, **kw).per_utterance()
+            for j, i in enumerate(rows):
+                out[m][i] = per_utt[j]
+    return out  # type: ignore[return-value]
+
+
+def load_utterance_items(
+    data_cfg: Any, split: str, label: int, num_utterances: int, seed: int = 0, *, detector: nn.Module
+) -> list[dict[str, Any]]:
+    """``num_utterances`` whole utterances of ``split`` with ``label`` (1 bona fide, 0 spoof),
+    drawn with ``seed``, as explanation items whose spoof mask is all False (bona fide) or
+    all True (a fully spoofed utterance)."""
+    from xai_lib.data.datasets import build_split
+
+    utts = [u for u in build_split(data_cfg, split) if u.label == label]
+    if num_utterances < len(utts):
+        rng = np.random.default_rng(seed)
+        utts = [utts[i] for i in sorted(rng.choice(len(utts), size=num_utterances, replace=False).tolist())]
+    sr = int(getattr(data_cfg, "sample_rate", 16000))
+    items = []
+    for u in utts:
+        wave = load_audio(Path(u.path), sr)
+        n_frames = int(detector.num_frames(torch.tensor([wave.size])).item())
+        items.append({"utt_id": u.utt_id, "wave": wave, "spoof_mask": np.full(n_frames, label == 0),
+                      "label": u.label, "attack": u.attack})
+    return items
 
 
 def time_forward(detector: nn.Module, wave: Tensor, lengths: Tensor, repeats: int) -> float:

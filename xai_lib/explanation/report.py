@@ -16,7 +16,16 @@ from xai_lib import plots
 from xai_lib.explanation.methods import METHODS
 from xai_lib.explanation.evaluation import evaluate_methods
 
-__all__ = ["STAGE3_KEYS", "run_data_config", "run_stage3", "viewer_items", "similarity_fn", "metrics_table"]
+__all__ = [
+    "STAGE3_KEYS",
+    "run_data_config",
+    "run_stage3",
+    "calibrate_methods",
+    "calibrated_table",
+    "viewer_items",
+    "similarity_fn",
+    "metrics_table",
+]
 
 log = logging.getLogger(__name__)
 
@@ -104,17 +113,28 @@ def run_stage3(
     num_figures: int = 2,
     seed: int = 0,
     progress: bool = True,
+    calibration_items: Sequence[Mapping[str, Any]] = (),
+    whole_items: Sequence[Mapping[str, Any]] = (),
+    false_flag_rate: float = 0.01,
 ) -> dict[str, Any]:
     """Attribute ``items`` with every method, measure, and save figures under ``run_dir/figures``.
 
+    Deletion/insertion remove frames as Stage 2's fidelity term does (the bona fide reference
+    stored with ``xai``, else zeroing). With ``calibration_items`` (bona fide dev utterances),
+    every method is calibrated the same way on its raw scores (:mod:`xai_lib.explanation.calibration`)
+    and measured at its threshold on ``items`` (partially spoofed) and ``whole_items`` (bona fide
+    and fully spoofed utterances of the same split).
+
     Returns:
-        The ``metrics.json["stage3"]`` values: ``{"methods": {NAME: {STAGE3_KEYS...}},
-        "num_utterances", "figures"}``.
+        The ``metrics.json["stage3"]`` values: ``{"methods": {NAME: {STAGE3_KEYS..., "calibrated"}},
+        "num_utterances", "figures", "removal"}``.
     """
     methods = [m for m in methods if m != "importance" or xai is not None]
     fig_dir = Path(run_dir) / "figures"
+    reference = getattr(xai, "removal_reference", None)
     results = evaluate_methods(
-        detector, xai, list(items), methods=methods, seed=seed, progress=progress, method_kwargs=dict(method_kwargs or {})
+        detector, xai, list(items), methods=methods, seed=seed, progress=progress, method_kwargs=dict(method_kwargs or {}),
+        reference=reference,
     )
     figures: list[str] = []
     fig = plots.plot_deletion_insertion({m: r for m, r in results.items() if r.get("deletion_curve") is not None})
@@ -141,4 +161,100 @@ def run_stage3(
             figures.append(str(plots.save_figure(fig, fig_dir / f"stage3_overlay_{it['utt_id']}.png")))
     table = {m: {k: results[m].get(k) for k in (*STAGE3_KEYS, "loc_auc_per_attack")} for m in results}
     log.info("Stage 3 metrics\n%s", metrics_table(table))
-    return {"methods": table, "num_utterances": len(items), "figures": figures}
+    out: dict[str, Any] = {"methods": table, "num_utterances": len(items), "figures": figures,
+                           "removal": "bonafide" if reference is not None else "zero"}
+    if calibration_items:
+        calibrated = calibrate_methods(detector, xai, methods, results, items, calibration_items, whole_items,
+                                       false_flag_rate, method_kwargs, seed)
+        for m, values in calibrated.items():
+            table[m]["calibrated"] = values
+        log.info("Stage 3 calibrated answers\n%s", calibrated_table(table))
+        fig = plot_calibrated(table)
+        figures.append(str(plots.save_figure(fig, fig_dir / "stage3_calibrated.png")))
+        out.update(calibration_utterances=len(calibration_items), whole_utterances=len(whole_items),
+                   false_flag_rate=false_flag_rate)
+    return out
+
+
+def calibrate_methods(
+    detector: torch.nn.Module,
+    xai: Any | None,
+    methods: Sequence[str],
+    results: Mapping[str, Mapping[str, Any]],
+    items: Sequence[Mapping[str, Any]],
+    calibration_items: Sequence[Mapping[str, Any]],
+    whole_items: Sequence[Mapping[str, Any]],
+    false_flag_rate: float,
+    method_kwargs: Mapping[str, Mapping[str, Any]] | None = None,
+    seed: int = 0,
+) -> dict[str, dict[str, Any]]:
+    """Every method calibrated on its raw scores of ``calibration_items`` and measured at its threshold.
+
+    Returns:
+        ``{method: {"threshold", "false_flag_rate", "precision", "recall", "f1", "iou",
+        "frame_eer_by_resolution"}}``: the false-flag rate over the bona fide ``whole_items``,
+        precision/recall/F1/IoU over ``items``, the pooled segment EER over ``items`` and
+        ``whole_items``.
+    """
+    from xai_lib.explanation.calibration import calibrated_metrics, frame_eer_by_resolution, frame_threshold
+    from xai_lib.explanation.evaluation import attribute_items
+
+    cal = attribute_items(detector, xai, calibration_items, methods, method_kwargs, seed=seed)
+    whole = attribute_items(detector, xai, whole_items, methods, method_kwargs, seed=seed) if whole_items else {}
+    masks = [np.asarray(it["spoof_mask"], dtype=bool) for it in items]
+    whole_masks = [np.asarray(it["spoof_mask"], dtype=bool) for it in whole_items]
+    bona_rows = [i for i, it in enumerate(whole_items) if it.get("label") == 1]
+    out = {}
+    for m in methods:
+        tau = frame_threshold(cal[m], false_flag_rate)
+        partial = results[m]["attributions"]
+        extra = whole.get(m, [])
+        values = calibrated_metrics(tau, [extra[i] for i in bona_rows], partial, masks)
+        values["frame_eer_by_resolution"] = frame_eer_by_resolution([*partial, *extra], [*masks, *whole_masks],
+                                                                     float(detector.frame_hop_s))
+        out[m] = values
+    return out
+
+
+def calibrated_table(methods: Mapping[str, Mapping[str, Any]]) -> str:
+    """A markdown table of the calibrated answers, one row per method."""
+
+    def fmt(v: Any) -> str:
+        return "–" if v is None else f"{v:.3f}"
+
+    head = "| method | threshold | false-flag rate | precision | recall | F1 | IoU | frame EER 20 ms | 80 ms | 320 ms |"
+    rows = [head, "|" + "---|" * 10]
+    for m, r in methods.items():
+        c = r.get("calibrated")
+        if not c:
+            continue
+        eer = c["frame_eer_by_resolution"]
+        rows.append(f"| {m} | " + " | ".join(fmt(c[k]) for k in ("threshold", "false_flag_rate", "precision", "recall",
+                                                                    "f1", "iou"))
+                    + f" | {fmt(eer.get('0.02'))} | {fmt(eer.get('0.08'))} | {fmt(eer.get('0.32'))} |")
+    return "\n".join(rows)
+
+
+def plot_calibrated(methods: Mapping[str, Mapping[str, Any]]):
+    """Calibrated F1 / IoU per method, and the pooled segment EER against the resolution."""
+    import matplotlib.pyplot as plt
+
+    names = [m for m, r in methods.items() if r.get("calibrated")]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 3.8), layout="constrained")
+    x = np.arange(len(names))
+    for k, (key, label) in enumerate((("f1", "F1"), ("iou", "IoU"))):
+        axes[0].bar(x + 0.4 * k - 0.2, [methods[m]["calibrated"][key] or 0.0 for m in names], width=0.4, label=label)
+    axes[0].set_xticks(x, names, rotation=20, ha="right")
+    axes[0].set_ylim(0, 1)
+    axes[0].set_title("frames above the calibrated threshold vs the spoofed frames")
+    axes[0].legend()
+    for m in names:
+        eer = methods[m]["calibrated"]["frame_eer_by_resolution"]
+        res = [float(r) for r in eer if eer[r] is not None]
+        axes[1].plot(res, [100 * eer[f"{r:g}"] for r in res], marker="o", label=m)
+    axes[1].set_xscale("log", base=2)
+    axes[1].set_xlabel("segment resolution (s)")
+    axes[1].set_ylabel("pooled segment EER (%)")
+    axes[1].set_title("PartialSpoof-style frame EER (lower is better)")
+    axes[1].legend(fontsize="small")
+    return fig

@@ -33,6 +33,7 @@ from torch import nn
 from xai_lib.config import ConfigError, XAIConfig, config_from_dict, config_to_dict
 from xai_lib.files import CheckpointError, atomic_torch_save, safe_torch_load, to_primitive, unwrap_model
 
+from xai_lib.detector.removal import BonafideReference
 from xai_lib.importance.inference import LoadedXAI
 from xai_lib.importance.module import XAIModule
 
@@ -54,6 +55,8 @@ def save_xai(
     detector_path: str | Path,
     detector_sha256: str,
     extra: Mapping[str, Any] | None = None,
+    calibration: Mapping[str, Any] | None = None,
+    removal_reference: BonafideReference | None = None,
 ) -> Path:
     """Write a Stage-2 checkpoint atomically (tensors and primitives only).
 
@@ -64,6 +67,8 @@ def save_xai(
         detector_path: the frozen Stage-1 detector it explains.
         detector_sha256: that file's SHA-256 (checked, with a warning, at load time).
         extra: primitives to keep (best epoch, losses, timing); returned as ``LoadedXAI.extra``.
+        calibration: the label-free frame threshold (``LoadedXAI.calibration``).
+        removal_reference: the bona fide removal reference (``LoadedXAI.removal_reference``).
 
     Returns:
         ``path`` as a ``Path``.
@@ -81,6 +86,10 @@ def save_xai(
         "detector": {"path": str(detector_path), "sha256": str(detector_sha256)},
         "extra": to_primitive(dict(extra or {}), "extra", "save_xai"),
     }
+    if calibration is not None:
+        obj["calibration"] = to_primitive(dict(calibration), "calibration", "save_xai")
+    if removal_reference is not None:
+        obj["removal_reference"] = removal_reference.to_state()
     path = atomic_torch_save(obj, path)
     logger.info("saved Stage-2 XAI module to %s", path)
     return path
@@ -145,6 +154,8 @@ def load_xai(path: str | Path, detector: nn.Module | None = None, map_location: 
         detector_info={str(k): str(v) for k, v in dict(obj.get("detector") or {}).items()},
         path=path,
         extra=dict(obj.get("extra") or {}),
+        calibration=dict(obj["calibration"]) if obj.get("calibration") else None,
+        removal_reference=BonafideReference.from_state(obj["removal_reference"]) if obj.get("removal_reference") else None,
     )
     if detector is not None:
         loaded.check_detector(detector)

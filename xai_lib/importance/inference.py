@@ -17,16 +17,26 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
+
+import numpy as np
 
 import torch
 from torch import Tensor, nn
 
 from xai_lib.config import XAIConfig
+from xai_lib.detector.removal import BonafideReference
 from xai_lib.files import CheckpointError, file_sha256
 from xai_lib.importance.module import XAIModule, XAIOutput
 
-__all__ = ["REPRESENTATIONS", "LoadedXAI", "extract_representation", "representation_dim", "detector_source"]
+__all__ = [
+    "REPRESENTATIONS",
+    "LoadedXAI",
+    "extract_representation",
+    "representation_dim",
+    "detector_source",
+    "importance_per_utterance",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -118,6 +128,10 @@ class LoadedXAI:
         detector_info: ``{"path", "sha256"}`` of the detector it was trained on.
         path: the checkpoint file.
         extra: what training recorded (best epoch, losses, timing).
+        calibration: the label-free frame threshold: ``{"threshold", "false_flag_rate",
+            "bonafide_quantiles", ...}`` (:func:`xai_lib.explanation.calibration.calibration_record`
+            over the bona fide dev utterances); ``None`` for a checkpoint written before it existed.
+        removal_reference: the bona fide frames that replace removed ones (``xai.removal: bonafide``).
     """
 
     module: XAIModule
@@ -127,6 +141,8 @@ class LoadedXAI:
     detector_info: dict[str, str] = field(default_factory=dict)
     path: Path | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    calibration: dict[str, Any] | None = None
+    removal_reference: BonafideReference | None = None
 
     # -------------------------------------------------------------- checks
 
@@ -197,3 +213,22 @@ class LoadedXAI:
     def utterance_scores(self, detector: nn.Module, wave: Tensor, lengths: Tensor | None = None) -> Tensor:
         """(B,) utterance score of the importance-pooled embedding: bona fide minus spoof logit."""
         return self.explain(detector, wave, lengths).utterance_score
+
+
+@torch.no_grad()
+def importance_per_utterance(
+    xai: LoadedXAI, detector: nn.Module, waves: Sequence[np.ndarray | Tensor], batch_size: int = 16
+) -> list[np.ndarray]:
+    """``w(t)`` of every wave, one ``(T_i,)`` array each (batched by length, padding removed)."""
+    from xai_lib.data.audio import pad_batch
+
+    device = next(detector.parameters()).device
+    order = sorted(range(len(waves)), key=lambda i: -len(waves[i]))
+    out: list[np.ndarray | None] = [None] * len(waves)
+    for k in range(0, len(order), batch_size):
+        rows = order[k: k + batch_size]
+        wave, lengths = pad_batch([waves[i] for i in rows])
+        res = xai.explain(detector, wave.to(device), lengths.to(device))
+        for j, i in enumerate(rows):
+            out[i] = res.importance[j][res.frame_mask[j]].float().cpu().numpy()
+    return out  # type: ignore[return-value]

@@ -40,9 +40,20 @@ Terms (each averaged over the utterances it applies to; 0 when there are none):
    spreads over every frame); with ``k``, any constant ``w`` keeps ``rho`` and leaves
    ``1 - rho`` of every frame, and ``w`` spread outside the evidence dilutes ``k`` on it.
 
-Total: ``L = L_c + lambda_b L_b + lambda_t L_t + lambda_s L_s + lambda_f L_f``
+   With ``xai.removal: bonafide`` a removed frame is replaced by the same frame of a bona fide
+   reference utterance (:mod:`xai_lib.detector.removal`) instead of being zeroed, so "removed"
+   means "what bona fide speech would have there" for every detector.
+6. weak frame labels ``L_w = -(1/T) sum_t [y(t) log w(t) + (1 - y(t)) log(1 - w(t))]`` on all
+   utterances, ``y(t)`` the frame's label: the utterance label on every frame (1 on a spoof
+   utterance, 0 on a bona fide one), or on a spliced training crop 1 inside the inserted
+   spoof span and 0 around it (:func:`span_frame_labels`). It anchors the *scale* of ``w``:
+   a spoofed frame should read near 1 and a bona fide one near 0 on every corpus, so the
+   importance cannot collapse in magnitude and covers a spoofed region whole rather than its
+   most telling ``rho``.
+
+Total: ``L = L_c + lambda_b L_b + lambda_t L_t + lambda_s L_s + lambda_f L_f + lambda_w L_w``
 (seed defaults: ``tau = 0.07``, ``lambda_b = 0.1``, ``lambda_t = 0.1``, ``lambda_s = 0.01``);
-``lambda_f = 0`` gives exactly the weighted sum of terms 1-4.
+``lambda_f = lambda_w = 0`` gives exactly the weighted sum of terms 1-4.
 
 Why it cannot collapse: the seed weighted ``l(t)`` by raw ``w(t)`` and penalised
 ``mean w`` on spoof, so every term fell as ``w -> 0``. Here ``L_c`` depends on ``w`` only
@@ -70,6 +81,8 @@ __all__ = [
     "fidelity_probabilities",
     "keep_weights",
     "xai_loss",
+    "span_frame_labels",
+    "frame_label_loss",
 ]
 
 PROB_EPS = 1e-6  # clamp for the log-probabilities of the fidelity term
@@ -295,12 +308,45 @@ def keep_weights(
     return (budget * mask.sum(1, keepdim=True) * a).clamp(max=1.0)
 
 
+def span_frame_labels(spoof_spans: torch.Tensor, num_frames: int, hop_samples: int) -> torch.Tensor:
+    """Frame labels of waves whose spoofed samples are ``[start, end)``: 1 where a frame's
+    centre sample lies inside the span.
+
+    Args:
+        spoof_spans: (B, 2) long sample spans (``(0, 0)`` = nothing spoofed).
+        num_frames: T, frames of the batch.
+        hop_samples: samples per frame (320 for 20 ms at 16 kHz).
+
+    Returns:
+        (B, T) float in {0, 1}.
+    """
+    centres = (torch.arange(num_frames, device=spoof_spans.device) * hop_samples + hop_samples // 2)[None, :]
+    start, end = spoof_spans[:, :1], spoof_spans[:, 1:]
+    return ((centres >= start) & (centres < end)).float()
+
+
+def frame_label_loss(importance: torch.Tensor, frame_labels: torch.Tensor, frame_mask: torch.Tensor | None) -> torch.Tensor:
+    """``L_w``: binary cross-entropy of ``w`` against the frame labels, per utterance then averaged.
+
+    Args:
+        importance: (B, T) ``w`` in [0, 1].
+        frame_labels: (B, T) in {0, 1}.
+        frame_mask: (B, T); None = all real.
+    """
+    mask = _float_mask(frame_mask, importance)
+    w = importance.clamp(PROB_EPS, 1.0 - PROB_EPS)
+    bce = F.binary_cross_entropy(w, frame_labels.to(w.dtype), reduction="none") * mask  # (B, T)
+    n = mask.sum(1)
+    return _masked_mean(bce.sum(1) / n.clamp_min(1.0), n > 0)
+
+
 def xai_loss(
     out: XAIOutput,
     labels: torch.Tensor,
     frame_mask: torch.Tensor | None,
     cfg: XAIConfig,
     fidelity: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    frame_labels: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The full Stage-2 objective (see the module docstring for the formulas).
 
@@ -313,11 +359,13 @@ def xai_loss(
             h, out.importance, frame_mask, cfg.target_sparsity)`` plus the full-input spoof
             probability; required when ``cfg.lambda_fidelity > 0``; with ``lambda_fidelity = 0`` the term is
             only reported (detached), or 0 when not given.
+        frame_labels: (B, T) weak frame labels (:func:`span_frame_labels`); default: each
+            utterance's label on all its frames.
 
     Returns:
         ``(total, terms)`` with ``terms`` = ``{"contrastive", "bonafide_reg", "temporal_smooth",
-        "sparsity", "fidelity", "total"}`` (unweighted terms, scalar tensors; ``total`` is
-        the weighted sum and carries the graph).
+        "sparsity", "fidelity", "frame", "total"}`` (unweighted terms, scalar tensors; ``total``
+        is the weighted sum and carries the graph).
 
     Raises:
         ValueError: ``cfg.lambda_fidelity > 0`` but no fidelity probabilities were given.
@@ -350,5 +398,12 @@ def xai_loss(
         terms["fidelity"] = fidelity_loss(*fidelity, labels=labels).detach()
     else:
         terms["fidelity"] = w.new_zeros(())
+    if frame_labels is None:
+        frame_labels = (labels == SPOOF_INDEX).to(w.dtype)[:, None].expand_as(w)
+    terms["frame"] = frame_label_loss(w, frame_labels, mask)
+    if cfg.lambda_frame > 0:
+        total = total + cfg.lambda_frame * terms["frame"]
+    else:
+        terms["frame"] = terms["frame"].detach()
     terms["total"] = total
     return total, terms

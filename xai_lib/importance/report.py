@@ -33,7 +33,9 @@ def _loss_figure(history: dict[str, list[float]], path: Path) -> None:
 
     from xai_lib import plots
 
-    fig, axes = plt.subplots(2, 3, figsize=(12, 6))
+    fig, axes = plt.subplots(2, 4, figsize=(15, 6))
+    for ax in axes.ravel()[len(LOSS_TERMS):]:
+        ax.set_visible(False)
     for ax, term in zip(axes.ravel(), LOSS_TERMS):
         plots.plot_loss_curves({f"train {term}": history.get(f"train_{term}", []),
                                 f"dev {term}": history.get(f"dev_{term}", [])}, ax=ax)
@@ -68,13 +70,14 @@ def _loader(utts: Sequence[Utterance], cfg: Stage2Config, crop: int | None) -> D
 
 def _importance_stats(
     xai: LoadedXAI, detector: nn.Module, utts: Sequence[Utterance], cfg: Stage2Config, progress: bool
-) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+) -> tuple[dict[str, float], dict[str, np.ndarray], list[tuple[int, np.ndarray]]]:
     """One pass over ``utts``: mean w on bona fide vs spoof utterances, the spread of w over all
-    valid frames, and the prototype similarities of each class's frames (the similarity figure
-    when there is no partially spoofed subset)."""
+    valid frames, the prototype similarities of each class's frames (the similarity figure
+    when there is no partially spoofed subset), and ``(label, w)`` of every utterance."""
     device = next(detector.parameters()).device
     per_utt = {0: [], 1: []}
     frames: list[np.ndarray] = []
+    labelled: list[tuple[int, np.ndarray]] = []
     groups: dict[str, list[np.ndarray]] = {"bona fide utterances": [], "spoof utterances": []}
     for batch in tqdm(_loader(utts, cfg, cfg.data.eval_crop_samples), desc="stage2 importance (dev)", leave=False,
                       disable=not progress):
@@ -85,13 +88,14 @@ def _importance_stats(
         for i, y in enumerate(batch["labels"].tolist()):
             wi = w[i][m[i]].numpy()
             frames.append(wi)
+            labelled.append((int(y), wi))
             if y in per_utt and wi.size:
                 per_utt[y].append(float(wi.mean()))
             groups["bona fide utterances" if y == 1 else "spoof utterances"].append(sims[i][m[i]].numpy())
     similarities = {k: np.concatenate(v) if v else np.zeros((0, 2)) for k, v in groups.items()}
     all_w = np.concatenate(frames) if frames else np.zeros(0)
     if all_w.size == 0:
-        return {}, similarities
+        return {}, similarities, labelled
     p5, p50, p95 = np.percentile(all_w, [5, 50, 95])
     return {
         "importance_mean_bonafide": float(np.mean(per_utt[1])) if per_utt[1] else float("nan"),
@@ -102,13 +106,14 @@ def _importance_stats(
         "importance_p95": float(p95),
         "importance_frac_above_0_5": float((all_w > 0.5).mean()),
         "importance_num_utts": len(frames),
-    }, similarities
+    }, similarities, labelled
 
 
 def _partial_localization(
     xai: LoadedXAI, detector: nn.Module, cfg: Stage2Config, split: str, progress: bool
-) -> tuple[dict[str, float], dict[str, np.ndarray]] | None:
-    """Localisation metrics of w (and of the prototype similarities) on the partial ``split``.
+) -> tuple[dict[str, float], dict[str, np.ndarray], tuple[list[np.ndarray], list[np.ndarray]]] | None:
+    """Localisation metrics of w (and of the prototype similarities) on the partial ``split``,
+    the similarities for the figure, and ``(w, spoof mask)`` of every utterance.
 
     Returns None when the partially spoofed subset is not configured or not on disk.
     """
@@ -160,7 +165,7 @@ def _partial_localization(
         "loc_auc_per_attack": localization_per_attack(weights, masks, attacks),
     }
     sims = {"bona fide frames": np.concatenate(bona_frames), "spoof-span frames": np.concatenate(spoof_frames)}
-    return result, sims
+    return result, sims, (weights, masks)
 
 
 def stage2_report(
@@ -230,16 +235,19 @@ def stage2_report(
         _loss_figure(hist, fig_dir / "stage2_loss_terms.png")
 
     dev_utts = subsample_utterances(build_split(cfg.data, "dev"), max_dev_utts)
-    stats, dev_similarities = _importance_stats(xai, detector, dev_utts, cfg, progress)
+    stats, dev_similarities, dev_w = _importance_stats(xai, detector, dev_utts, cfg, progress)
     metrics.update(stats)
 
     metrics["localization"] = {}
     sims_for_figure: dict[str, np.ndarray] | None = None
+    partial_dev: tuple[list[np.ndarray], list[np.ndarray]] = ([], [])
     for split in ("dev", "eval"):
         found = _partial_localization(xai, detector, cfg, split, progress)
         if found is None:
             continue
-        loc, sims = found
+        loc, sims, weights_masks = found
+        if split == "dev":
+            partial_dev = weights_masks
         metrics["localization"][f"partial_{split}"] = loc
         for key in ("loc_auc", "loc_eer", "pointing_game"):
             metrics[f"{key}_partial_{split}"] = loc[key]
@@ -249,4 +257,70 @@ def stage2_report(
         sims_for_figure, sims_title = dev_similarities, \
             "prototype similarities on dev frames (bona fide vs spoof utterances)"
     _similarity_figure(sims_for_figure, sims_title, fig_dir / "stage2_similarity_distributions.png")
+    if xai.calibration is not None:
+        metrics.update(_calibrated_dev(xai.calibration, dev_w, partial_dev, detector.frame_hop_s))
+    metrics["removal_baseline_p_spoof"] = removal_baseline(detector, xai, dev_utts, cfg)
     return metrics
+
+
+def _calibrated_dev(
+    calibration: dict[str, Any],
+    dev_w: list[tuple[int, np.ndarray]],
+    partial: tuple[list[np.ndarray], list[np.ndarray]],
+    frame_hop_s: float,
+) -> dict[str, Any]:
+    """``calibrated_dev`` (at the stored threshold, on the dev split and its partially spoofed
+    subset) and ``importance_frac_above_threshold`` (frames of spoof dev utterances above it)."""
+    from xai_lib.explanation.calibration import calibrated_metrics, frame_eer_by_resolution
+
+    tau = float(calibration["threshold"])
+    bona = [w for y, w in dev_w if y == 1]
+    spoof = [w for y, w in dev_w if y == 0]
+    weights, masks = partial
+    calibrated = calibrated_metrics(tau, bona, weights, masks)
+    # every dev utterance: bona fide (no spoofed frame), fully spoofed (all), partially spoofed (spans)
+    everything = [*bona, *spoof, *weights]
+    truth = [*(np.zeros(w.size, bool) for w in bona), *(np.ones(w.size, bool) for w in spoof), *masks]
+    calibrated["frame_eer_by_resolution"] = frame_eer_by_resolution(everything, truth, frame_hop_s)
+    flat_spoof = np.concatenate(spoof) if spoof else np.zeros(0)
+    return {
+        "calibrated_dev": calibrated,
+        "importance_frac_above_threshold": float(np.mean(flat_spoof > tau)) if flat_spoof.size else None,
+    }
+
+
+@torch.no_grad()
+def removal_baseline(detector: nn.Module, xai: LoadedXAI, utts: Sequence[Utterance], cfg: Stage2Config,
+                     max_per_class: int = 64) -> dict[str, float | None]:
+    """The detector's mean spoof probability of dev utterances with every frame removed (as the
+    fidelity term removes frames), per class, beside that of the bona fide utterances as they are.
+
+    Returns:
+        ``{"bonafide", "spoof", "bonafide_as_is", "removal"}``: a neutral removal puts both
+        classes near ``bonafide_as_is``.
+    """
+    from xai_lib.detector.removal import SPOOF_COLUMN
+
+    device = next(detector.parameters()).device
+    reference = xai.removal_reference
+    by_class: dict[int, list[Utterance]] = {0: [u for u in utts if u.label == 0][:max_per_class],
+                                            1: [u for u in utts if u.label == 1][:max_per_class]}
+    sums = {"removed": {0: [], 1: []}, "as_is": {0: [], 1: []}}
+    for y, group in by_class.items():
+        for batch in _loader(group, cfg, cfg.data.eval_crop_samples):
+            if len(batch["labels"]) == 0:
+                continue
+            ssl, mask = detector.frontend(batch["wave"].to(device), batch["lengths"].to(device))
+            none = torch.zeros(mask.shape, device=device)
+            if reference is None:
+                removed = detector.backend(ssl, mask, frame_weights=none).logits
+            else:
+                removed = detector.backend(reference.remove(ssl, none), mask).logits
+            sums["removed"][y] += removed.float().softmax(-1)[:, SPOOF_COLUMN].tolist()
+            sums["as_is"][y] += detector.backend(ssl, mask).logits.float().softmax(-1)[:, SPOOF_COLUMN].tolist()
+
+    def mean(values: list[float]) -> float | None:
+        return float(np.mean(values)) if values else None
+
+    return {"bonafide": mean(sums["removed"][1]), "spoof": mean(sums["removed"][0]),
+            "bonafide_as_is": mean(sums["as_is"][1]), "removal": xai.config.removal}

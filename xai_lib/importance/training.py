@@ -47,6 +47,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -57,12 +58,13 @@ from tqdm.auto import tqdm
 from xai_lib.config import ConfigError, Stage2Config, config_to_dict, notebook_config, save_config
 from xai_lib.data.datasets import EvalDataset, build_split, collate_padded
 from xai_lib.data.protocols import Utterance
-from xai_lib.importance.loss import fidelity_probabilities, xai_loss
+from xai_lib.detector.removal import BonafideReference
+from xai_lib.importance.loss import fidelity_probabilities, span_frame_labels, xai_loss
 from xai_lib.detector.checkpoint import load_detector
 from xai_lib.detector.model import Detector
 from xai_lib.files import file_sha256
 from xai_lib.importance.checkpoint import save_xai
-from xai_lib.importance.inference import extract_representation, representation_dim
+from xai_lib.importance.inference import LoadedXAI, extract_representation, importance_per_utterance, representation_dim
 from xai_lib.importance.module import SPOOF_INDEX, XAIModule, class_means, smoothing_frames
 from xai_lib.paths import PROJECT_ROOT, resolve_path
 from xai_lib.training import (
@@ -96,7 +98,7 @@ log = logging.getLogger(__name__)
 STATE_NAME = "last.pth"
 DETECTOR_NAME = "stage1_detector.pth"
 CHECKPOINT_NAME = "stage2_xai.pth"
-LOSS_TERMS = ("contrastive", "bonafide_reg", "temporal_smooth", "sparsity", "fidelity", "total")
+LOSS_TERMS = ("contrastive", "bonafide_reg", "temporal_smooth", "sparsity", "fidelity", "frame", "total")
 
 #: Overrides for a seconds-long smoke run (appended last, so they win).
 SMOKE_OVERRIDES = [
@@ -283,23 +285,36 @@ def _batch_loss(
     cfg: Stage2Config,
     device: torch.device,
     grad: bool,
+    reference: BonafideReference | None = None,
+    offset: int = 0,
 ) -> tuple[Tensor, dict[str, Tensor], Tensor, Any, Tensor, Tensor]:
-    """Loss of one batch. Returns (total, terms, h, XAIOutput, frame_mask, labels)."""
+    """Loss of one batch. Returns (total, terms, h, XAIOutput, frame_mask, labels).
+
+    ``reference``: the bona fide frames that replace removed ones in the fidelity term
+    (``xai.removal: bonafide``); ``None`` zeroes them (``zero``). ``offset``: which reference
+    the batch's first utterance uses (varied per step).
+    """
     wave = batch["wave"].to(device)
     lengths = batch["lengths"].to(device)
     labels = batch["labels"].to(device)
     h, ssl, mask, p_full = _forward_detector(detector, wave, lengths, cfg.xai.representation, cfg.xai.context_s)
+    frame_labels = None
+    if "spoof_spans" in batch:
+        frame_labels = span_frame_labels(batch["spoof_spans"].to(device), mask.shape[1], detector.frame_hop_samples)
     with torch.set_grad_enabled(grad):
         out = xai(h, mask)
         fid_grad = grad and cfg.xai.lambda_fidelity > 0
         with torch.set_grad_enabled(fid_grad):
 
-            def backend_fn(x: Tensor, m: Tensor, fw: Tensor) -> Tensor:
-                return detector.backend(x, m, frame_weights=fw).logits
+            def backend_fn(x: Tensor, m: Tensor, keep: Tensor) -> Tensor:
+                if reference is None:
+                    return detector.backend(x, m, frame_weights=keep).logits
+                return detector.backend(reference.remove(x, keep, offset), m).logits
 
             importance = out.importance if fid_grad else out.importance.detach()
             p_keep, p_remove = fidelity_probabilities(backend_fn, ssl, importance, mask, cfg.xai.target_sparsity)
-        total, terms = xai_loss(out, labels, mask, cfg.xai, fidelity=(p_keep, p_remove, p_full))
+        total, terms = xai_loss(out, labels, mask, cfg.xai, fidelity=(p_keep, p_remove, p_full),
+                                frame_labels=frame_labels)
     return total, terms, h, out, mask, labels
 
 
@@ -313,6 +328,7 @@ def evaluate_xai(
     ctx: DistContext | None = None,
     progress: bool = True,
     desc: str = "dev",
+    reference: BonafideReference | None = None,
 ) -> dict[str, float]:
     """Mean of every loss term over ``loader`` (utterance-weighted, merged across ranks).
 
@@ -328,7 +344,7 @@ def evaluate_xai(
         n = len(batch["labels"])
         if n == 0:
             continue
-        _, terms, *_ = _batch_loss(xai, detector, batch, cfg, device, grad=False)
+        _, terms, *_ = _batch_loss(xai, detector, batch, cfg, device, grad=False, reference=reference)
         for k in LOSS_TERMS:
             sums[k] += float(terms[k].detach()) * n
         count += n
@@ -468,7 +484,7 @@ def train_stage2(
     in_dim = representation_dim(detector, kind)
     log.info("Stage 2 on the frozen detector %s (sha256 %s...), %s representation of dim %d",
              det_path, sha[:12], kind, in_dim)
-    reference = {k: v.detach().clone() for k, v in detector.state_dict().items()}
+    detector_state = {k: v.detach().clone() for k, v in detector.state_dict().items()}
 
     ckpt_dir = run_dir / "checkpoints" / "stage2"
     if ctx.is_main:
@@ -477,6 +493,7 @@ def train_stage2(
     # random crop positions (seeded by seed, epoch, index); no RawBoost: we explain clean input
     train_ds, sampler, train_loader = training_loader(cfg.data, tc, ctx, rawboost_algo=0)
     train_utts = train_ds.utts
+    reference = bonafide_reference(detector, train_utts, cfg) if cfg.xai.removal == "bonafide" else None
     dev_utts = build_split(cfg.data, "dev")
     dev_ds = EvalDataset(dev_utts, sample_rate=cfg.data.sample_rate, crop_samples=cfg.data.crop_samples,
                          on_bad_audio=cfg.data.on_bad_audio)
@@ -534,7 +551,8 @@ def train_stage2(
             for step, batch in enumerate(bar):
                 if tc.max_steps_per_epoch is not None and step >= tc.max_steps_per_epoch:
                     break
-                loss, terms, h, out, mask, labels = _batch_loss(train_model, detector, batch, cfg, device, grad=True)
+                loss, terms, h, out, mask, labels = _batch_loss(train_model, detector, batch, cfg, device, grad=True,
+                                                                reference=reference, offset=global_step)
                 check_finite(loss, global_step, "Stage 2", last_good=state_path, ctx=ctx)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -550,7 +568,8 @@ def train_stage2(
             if not xai.prototypes.is_ready:  # an epoch cut short never saw one class (smoke runs)
                 _complete_ema_prototypes(xai, detector, train_utts, cfg, ctx, progress)
             train_terms = {k: ctx.all_reduce_mean(v / max(n_seen, 1)) for k, v in sums.items()}
-            dev_terms = evaluate_xai(xai, detector, dev_loader, cfg, device, ctx, progress)  # unwrapped: no collectives
+            dev_terms = evaluate_xai(xai, detector, dev_loader, cfg, device, ctx, progress,  # unwrapped: no collectives
+                                     reference=reference)
             elapsed += time.perf_counter() - t0
             for k in LOSS_TERMS:
                 history[f"train_{k}"].append(train_terms[k])
@@ -580,15 +599,17 @@ def train_stage2(
     finally:
         writer.close()
 
-    _assert_unchanged(detector, reference, det_path)
+    _assert_unchanged(detector, detector_state, det_path)
     final = run_dir / CHECKPOINT_NAME
     if best_state is None:  # no epoch ran (num_epochs reached before a resume): keep the current weights
         best_state = {k: v.detach().cpu().clone() for k, v in xai.state_dict().items()}
     if ctx.is_main:
         xai.load_state_dict(best_state)
         dev_total = history["dev_total"][best_epoch - 1] if best_epoch and history["dev_total"] else None
+        calibration = calibrate_importance(
+            LoadedXAI(module=xai, config=cfg.xai, representation=kind, in_dim=in_dim), detector, dev_utts, cfg)
         save_xai(
-            xai, final, cfg.xai, det_path, sha,
+            xai, final, cfg.xai, det_path, sha, calibration=calibration, removal_reference=reference,
             extra={
                 "best_epoch": best_epoch,
                 "best_dev_loss": dev_total,
@@ -609,6 +630,53 @@ def train_stage2(
         train_seconds=elapsed,
         best_epoch=best_epoch,
     )
+
+
+def calibrate_importance(
+    xai: LoadedXAI, detector: nn.Module, utts: Sequence[Utterance], cfg: Stage2Config
+) -> dict[str, Any] | None:
+    """The label-free frame threshold of ``w``: the ``1 - xai.false_flag_rate`` quantile of ``w``
+    over every frame of the bona fide utterances among ``utts`` (the dev split), see
+    :func:`xai_lib.explanation.calibration.calibration_record`. ``None`` (with a warning) when
+    there is no bona fide utterance."""
+    from xai_lib.explanation.calibration import calibration_record
+
+    bona = [u for u in utts if u.label == 1]
+    if not bona:
+        log.warning("no bona fide dev utterance: the importance is not calibrated (no frame threshold stored)")
+        return None
+    ds = EvalDataset(bona, sample_rate=cfg.data.sample_rate, crop_samples=cfg.data.eval_crop_samples,
+                     on_bad_audio=cfg.data.on_bad_audio, min_samples=detector.min_input_samples)
+    waves = [it["wave"] for it in (ds[i] for i in range(len(ds))) if it is not None]
+    scores = importance_per_utterance(xai, detector, waves, cfg.training.eval_batch_size)
+    record = calibration_record(scores, cfg.xai.false_flag_rate, split="dev")
+    log.info("calibrated w on %d bona fide dev utterances (%d frames): threshold %.4f at a false-flag rate of %g",
+             record["n_utterances"], record["n_frames"], record["threshold"], record["false_flag_rate"])
+    return record
+
+
+REFERENCE_MAX_S = 4.0  # seconds of each bona fide reference utterance kept (tiled when shorter)
+
+
+def bonafide_reference(detector: nn.Module, utts: Sequence[Utterance], cfg: Stage2Config) -> BonafideReference:
+    """The bona fide reference of the fidelity term and the deletion metrics.
+
+    Candidates: ``4 * xai.reference_utterances`` bona fide training utterances drawn with
+    ``training.seed`` (the first ``REFERENCE_MAX_S`` seconds of each); kept: those the
+    detector scores most like typical bona fide speech (:meth:`BonafideReference.from_utterances`).
+    """
+    from xai_lib.data.audio import load_audio
+
+    bona = [u for u in utts if u.label == 1]
+    if not bona:
+        raise ConfigError("xai.removal: bonafide needs bona fide training utterances; the training split has none")
+    k = cfg.xai.reference_utterances
+    rng = np.random.default_rng(cfg.training.seed)
+    picks = sorted(rng.choice(len(bona), size=min(len(bona), 4 * k), replace=False).tolist())
+    max_samples = int(REFERENCE_MAX_S * cfg.data.sample_rate)
+    waves = [load_audio(bona[i].path, cfg.data.sample_rate)[:max_samples] for i in picks]
+    waves = [w for w in waves if len(w) >= detector.min_input_samples]
+    return BonafideReference.from_utterances(detector, waves, k=k)
 
 
 def _complete_ema_prototypes(
