@@ -128,9 +128,12 @@ class ModelConfig:
 class DataConfig:
     """Where the data is and how utterances become tensors.
 
-    Protocol paths are relative to ``root`` unless absolute. ``format`` is one of
-    ``auto``, ``asvspoof2019`` (5 columns), ``3col`` (the original project's),
-    ``asvspoof2021`` (trial list + keys), ``in_the_wild`` (``meta.csv``), ``partialspoof``.
+    Protocol, segment-label and audio-folder paths are relative to ``root`` unless absolute.
+    ``format`` is one of ``auto``, ``asvspoof2019`` (5 columns), ``3col`` (the original
+    project's), ``asvspoof2021`` (trial list + keys), ``in_the_wild`` (``meta.csv``),
+    ``partialspoof``. The ``*_audio_dir`` keys name the folder holding a split's audio;
+    ``null`` discovers it (next to the protocol or under ``root``, see
+    :mod:`xai_lib.data.protocols`).
     """
 
     root: str = "outputs/data/demo_corpus"
@@ -143,6 +146,12 @@ class DataConfig:
     partial_eval_protocol: str | None = "partial_spoof/protocols/PartialSpoof.LA.cm.eval.trl.txt"
     partial_dev_segment_labels: str | None = "partial_spoof/segment_labels/dev_seglab_0.02.npy"
     partial_eval_segment_labels: str | None = "partial_spoof/segment_labels/eval_seglab_0.02.npy"
+    # audio folders (null: discovered from the protocol's place and root)
+    train_audio_dir: str | None = None
+    dev_audio_dir: str | None = None
+    eval_audio_dir: str | None = None
+    partial_dev_audio_dir: str | None = None
+    partial_eval_audio_dir: str | None = None
     sample_rate: int = 16000
     crop_samples: int = 66800  # training crop (repeat-padded when shorter)
     eval_crop_samples: int | None = None  # None: score full length
@@ -189,6 +198,10 @@ class DataConfig:
         _check_optional_positive("data.max_eval_utts", self.max_eval_utts)
         if self.num_workers < 0:
             raise ConfigError(f"data.num_workers must be >= 0, got {self.num_workers}")
+        for split in ("train", "dev", "eval", "partial_dev", "partial_eval"):
+            value = getattr(self, f"{split}_audio_dir")
+            if value is not None and not value.strip():
+                raise ConfigError(f"data.{split}_audio_dir must be null (discover the folder) or a folder path, got {value!r}")
 
 
 @dataclass

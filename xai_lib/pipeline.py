@@ -180,8 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="notebook parameter (VALUE is a YAML literal: 7, 1e-4, true, '[ig, saliency]'); passed to "
                    "every notebook that declares NAME; repeatable")
     g.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
-                   help="dotted config override appended to `overrides` of notebooks 01 and 02 "
-                   "(e.g. training.lr=1e-4); repeatable")
+                   help="dotted config override appended to `overrides` of the notebooks whose config has the "
+                   "section: model.* 01, xai.*/detector.* 02, training.* 01 and 02, data.* all three "
+                   "(e.g. training.lr=1e-4, data.eval_audio_dir=wavs/eval); repeatable")
     g.add_argument("--data-root", help="database root passed as data_root (default: data.root of the configs)")
     g = p.add_argument_group("execution")
     g.add_argument("--notebooks-dir", help="folder holding the three notebooks (default: the repository's notebooks/)")

@@ -340,15 +340,31 @@ def _protocol_path(cfg: DataConfig, value: str) -> Path:
     return p if p.is_absolute() else Path(cfg.root).expanduser() / p
 
 
+def _audio_dir(cfg: DataConfig, key: str, what: str) -> Path | None:
+    """The folder ``data.<key>`` names (relative to ``root`` unless absolute); None: discover it."""
+    value = getattr(cfg, key)
+    if value is None:
+        return None
+    path = _protocol_path(cfg, value)
+    if not path.is_dir():
+        raise ProtocolError(
+            f"data.{key} = {value!r}: no such folder ({path}); point it at the folder holding the {what} audio "
+            "(relative to data.root unless absolute), or set it to null to find the folder next to the protocol"
+        )
+    return path
+
+
 def build_split(data_cfg: DataConfig, split: str) -> list[Utterance]:
     """The utterances of ``split`` ("train", "dev" or "eval") described by ``data_cfg``.
 
     Reads ``data_cfg.{split}_protocol`` (relative to ``data_cfg.root`` unless absolute) in
-    ``data_cfg.format``, subsamples to ``max_train_utts`` (train) / ``max_eval_utts`` (dev,
-    eval) with a fixed seed, and checks that every audio file exists.
+    ``data_cfg.format``, its audio from ``data_cfg.{split}_audio_dir`` (discovered when null),
+    subsamples to ``max_train_utts`` (train) / ``max_eval_utts`` (dev, eval) with a fixed seed,
+    and checks that every audio file exists.
 
     Raises:
-        ProtocolError: no protocol configured for the split or a malformed protocol.
+        ProtocolError: no protocol configured for the split, a malformed protocol or a missing
+            ``{split}_audio_dir``.
         MissingAudioError: listed audio files are missing.
     """
     if split not in ("train", "dev", "eval"):
@@ -357,7 +373,8 @@ def build_split(data_cfg: DataConfig, split: str) -> list[Utterance]:
     if not value:
         raise ProtocolError(f"data.{split}_protocol is not set; point it at the {split} protocol file")
     path = _protocol_path(data_cfg, value)
-    utts = read_protocol(path, root=data_cfg.root, format=data_cfg.format)
+    audio_dir = _audio_dir(data_cfg, f"{split}_audio_dir", split)
+    utts = read_protocol(path, root=data_cfg.root, format=data_cfg.format, audio_dir=audio_dir)
     limit = data_cfg.max_train_utts if split == "train" else data_cfg.max_eval_utts
     utts = subsample_utterances(utts, limit)
     check_files_exist(utts, path)
@@ -367,15 +384,17 @@ def build_split(data_cfg: DataConfig, split: str) -> list[Utterance]:
 def load_partial_split(data_cfg: DataConfig, split: str) -> tuple[list[Utterance], dict[str, np.ndarray]]:
     """The partially spoofed utterances of ``split`` ("dev" or "eval") and their segment labels.
 
-    Uses ``data_cfg.partial_{split}_protocol`` and ``partial_{split}_segment_labels`` (relative
-    to ``root`` unless absolute), subsampled to ``max_eval_utts``.
+    Uses ``data_cfg.partial_{split}_protocol``, ``partial_{split}_segment_labels`` and
+    ``partial_{split}_audio_dir`` (discovered when null), relative to ``root`` unless absolute,
+    subsampled to ``max_eval_utts``.
 
     Returns:
         utterances, and utt → int8 segment labels (PartialSpoof convention: 1 = bona fide,
         0 = spoof; see :func:`~xai_lib.data.protocols.spoof_frame_mask`).
 
     Raises:
-        ProtocolError: unset/malformed protocol or labels, or utterances without segment labels.
+        ProtocolError: unset/malformed protocol or labels, utterances without segment labels, or
+            a missing ``partial_{split}_audio_dir``.
         MissingAudioError: listed audio files are missing.
     """
     if split not in ("dev", "eval"):
@@ -388,8 +407,9 @@ def load_partial_split(data_cfg: DataConfig, split: str) -> tuple[list[Utterance
             "to evaluate localization on partially spoofed audio"
         )
     path = _protocol_path(data_cfg, proto_value)
+    audio_dir = _audio_dir(data_cfg, f"partial_{split}_audio_dir", f"partially spoofed {split}")
     # PartialSpoof protocols have their own (5-column) layout whatever data.format says
-    utts = read_protocol(path, root=data_cfg.root, format="auto")
+    utts = read_protocol(path, root=data_cfg.root, format="auto", audio_dir=audio_dir)
     utts = subsample_utterances(utts, data_cfg.max_eval_utts)
     label_path = _protocol_path(data_cfg, labels_value)
     seglab = load_segment_labels(label_path)

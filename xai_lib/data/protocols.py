@@ -26,11 +26,12 @@ Labels: 1 = bona fide, 0 = spoof, ``None`` = unknown (an unlabelled trial list).
 
 Audio paths are resolved once per protocol: the first candidate folder that holds the
 listed files wins (checked on a sample of utterances). Candidates, in order: ``audio_dir``
-when given (then only it); else for each base in (``root``, the protocol's folder and its
-two parents): ``BASE/ASVspoof2019_LA_{subset}/flac``, ``BASE/ASVspoof2021_{LA,DF}_eval/flac``,
-``BASE/{subset}/{flac,con_wav,wav}``, ``BASE/flac``, ``BASE/wav``, ``BASE``. Extensions tried:
-``.flac``, ``.wav``, ``.ogg``. The subset (train/dev/eval) comes from the 3-column file, the
-protocol's file name or the utterance id (``LA_T_`` / ``_D_`` / ``_E_``).
+when given (then only it; the config's ``data.<split>_audio_dir``); else for each base in
+(``root``, the protocol's folder and its two parents): ``BASE/ASVspoof2019_LA_{subset}/flac``,
+``BASE/ASVspoof2021_{LA,DF}_eval/flac``, ``BASE/{subset}/{flac,con_wav,wav}``, ``BASE/flac``,
+``BASE/wav``, ``BASE``. Extensions tried: ``.flac``, ``.wav``, ``.ogg``. The subset
+(train/dev/eval) comes from the 3-column file, the protocol's file name or the utterance id
+(``LA_T_`` / ``_D_`` / ``_E_``).
 
 Errors a user can cause raise :class:`ProtocolError` (file, line number and the line) or
 :class:`MissingAudioError` (how many files are missing and the first paths).
@@ -438,7 +439,8 @@ def check_files_exist(utts: Iterable[Utterance], protocol_name: str | Path = "pr
         raise MissingAudioError(
             f"{len(missing)} of {len(utts)} audio files listed in {protocol_name} do not exist; first ones:\n  {first}\n"
             "Check data.root (the database root) and that the audio folders are unpacked there "
-            "(e.g. ROOT/ASVspoof2019_LA_train/flac/), or pass audio_dir."
+            "(e.g. ROOT/ASVspoof2019_LA_train/flac/), or name the split's audio folder "
+            "(data.train_audio_dir, data.partial_eval_audio_dir, ...; read_protocol's audio_dir)."
         )
 
 
