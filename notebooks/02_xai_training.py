@@ -18,8 +18,12 @@
 # throughout, its weights bit-identical afterwards), then trains the XAI module on its frame
 # representation: an importance network w(t) in [0, 1] per 20 ms frame and two class
 # prototypes, with an importance-weighted contrastive term, bona fide regularisation,
-# temporal smoothness, sparsity and a fidelity term tied to the detector's own decision.
-# Then measures how well w localises the spliced spans of partially spoofed utterances.
+# temporal smoothness, weak frame labels (each frame carries its utterance's label, which puts
+# w on an absolute scale) and a fidelity term tied to the detector's own decision (frames it
+# "removes" are replaced by a bona fide reference's frames, a removal the detector scores like
+# bona fide speech). Then **calibrates** w without frame labels — the threshold τ is the 99th
+# percentile of w over the bona fide dev frames, stored in `stage2_xai.pth` — and measures how
+# well "w > τ" finds the spliced spans of partially spoofed utterances.
 #
 # **What it needs.** The detector of notebook 01 in the same `run_dir` (or an explicit
 # `stage1_checkpoint`, or a published `avg_5_best.pth`). The config is
@@ -75,13 +79,17 @@ print(f"detector: {result.detector_path}\nsaved:    {result.checkpoint}\nepochs:
 # %% [markdown]
 # ## Does w localise the spoofed spans, and does it use its range?
 # `importance_mean_spoof` should be well above `importance_mean_bonafide` (no collapse), and
-# `loc_auc` on the partially spoofed dev subset — the frame ROC-AUC of w against the spliced
-# spans — well above 0.5. `loc_auc_per_attack` shows which attacks it finds.
+# `loc_auc_partial_dev` — the frame ROC-AUC of w against the spliced spans — well above 0.5.
+# The calibrated answer: `calibrated_dev` (false-flag rate ≈ 1 % by construction, F1 and IoU of
+# the flagged frames, pooled segment EER at 20–640 ms) and `importance_frac_above_threshold`
+# (share of the spoof utterances' frames above τ). `removal_baseline_p_spoof`: what the detector
+# makes of an utterance with every frame removed — near the bona fide utterances' own score.
 
 # %%
 metrics = stage2_report(result, cfg, run_dir)
 merge_metrics(run_dir, "stage2", metrics)
-{k: v for k, v in metrics.items() if not isinstance(v, (dict, list))}
+display({k: v for k, v in metrics.items() if not isinstance(v, (dict, list))})
+{k: metrics.get(k) for k in ("calibrated_dev", "removal_baseline_p_spoof")}
 
 # %% [markdown]
 # ## Figures

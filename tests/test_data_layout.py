@@ -134,6 +134,9 @@ def test_the_pipeline_and_train_run_a_relocated_corpus_by_overrides_alone(reloca
     assert metrics["stage1"]["eval_num_utts"] > 0  # Stage 1 scored the relocated eval split
     assert "loc_auc" in json.dumps(metrics["stage2"])  # Stage 2 localised on the relocated partial dev subset
     assert metrics["stage3"]["num_utterances"] > 0  # Stage 3 explained the relocated partial eval subset
+    for nb in ("01_detector_training", "02_xai_training", "03_attribution_visualization"):  # the real notebooks ran
+        executed = json.loads((tmp_path / "run" / "notebooks" / f"{nb}.ipynb").read_text())
+        assert any(c.get("outputs") for c in executed["cells"] if c["cell_type"] == "code"), nb
     expected = dict(ov.removeprefix("data.").split("=", 1) for ov in overrides)
     for name in ("config_stage1.yaml", "config_stage2.yaml"):
         data = yaml.safe_load((run_dir / name).read_text())["data"]

@@ -160,7 +160,7 @@ def test_xai_loss_with_lambda_fidelity_zero_is_exactly_the_seed_weighted_sum():
     )
     total, terms = xai_loss(out, labels, mask, SEED_CFG)
     assert torch.equal(total, expected)
-    assert set(terms) == {"contrastive", "bonafide_reg", "temporal_smooth", "sparsity", "fidelity", "total"}
+    assert set(terms) == {"contrastive", "bonafide_reg", "temporal_smooth", "sparsity", "fidelity", "frame", "total"}
     assert float(terms["fidelity"]) == 0.0
     # probabilities given but lambda 0: still exactly the seed sum, fidelity only reported
     fid = (torch.full((4,), 0.3), torch.full((4,), 0.6), torch.full((4,), 0.9))
