@@ -54,6 +54,17 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+#: Overrides that make either stage a seconds-long smoke run (appended last, so they win).
+SMOKE_OVERRIDES = [
+    "training.num_epochs=1",
+    "training.max_steps_per_epoch=2",
+    "training.batch_size=4",
+    "training.eval_batch_size=4",
+    "data.max_train_utts=16",
+    "data.max_eval_utts=8",
+    "data.crop_samples=8000",
+]
+
 T = TypeVar("T")
 
 

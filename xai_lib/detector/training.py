@@ -55,6 +55,7 @@ from xai_lib.training import (
     training_loader,
     wrap_ddp,
 )
+from xai_lib.training import SMOKE_OVERRIDES as _COMMON_SMOKE
 
 __all__ = [
     "STATE_NAME",
@@ -488,17 +489,8 @@ def score_utterances(
 
 # ----------------------------------------------------------------------------- evaluation report
 
-#: Config overrides of a seconds-long smoke run (notebook ``smoke=True``, tests).
-SMOKE_OVERRIDES = [
-    "training.num_epochs=1",
-    "training.max_steps_per_epoch=2",
-    "training.batch_size=4",
-    "training.eval_batch_size=4",
-    "training.keep_best=1",
-    "data.max_train_utts=16",
-    "data.max_eval_utts=8",
-    "data.crop_samples=8000",
-]
+#: The smoke-run overrides of both stages, plus a single kept checkpoint.
+SMOKE_OVERRIDES = [*_COMMON_SMOKE, "training.keep_best=1"]
 
 
 def stage1_config(

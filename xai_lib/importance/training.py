@@ -77,6 +77,7 @@ from xai_lib.training import (
     restore_loop_state,
     save_training_state,
     start_run,
+    SMOKE_OVERRIDES,
     summary_writer,
     training_loader,
 )
@@ -100,16 +101,6 @@ DETECTOR_NAME = "stage1_detector.pth"
 CHECKPOINT_NAME = "stage2_xai.pth"
 LOSS_TERMS = ("contrastive", "bonafide_reg", "temporal_smooth", "sparsity", "fidelity", "frame", "total")
 
-#: Overrides for a seconds-long smoke run (appended last, so they win).
-SMOKE_OVERRIDES = [
-    "training.num_epochs=1",
-    "training.max_steps_per_epoch=2",
-    "training.batch_size=4",
-    "training.eval_batch_size=4",
-    "data.max_train_utts=16",
-    "data.max_eval_utts=8",
-    "data.crop_samples=8000",
-]
 
 
 def stage2_config(
