@@ -192,9 +192,9 @@ def calibrate_methods(
 
     Returns:
         ``{method: {"threshold", "false_flag_rate", "precision", "recall", "f1", "iou",
-        "frame_eer_by_resolution"}}``: the false-flag rate over the bona fide ``whole_items``,
-        precision/recall/F1/IoU over ``items``, the pooled segment EER over ``items`` and
-        ``whole_items``.
+        "frame_eer_by_resolution", "f1_per_attack"}}``: the false-flag rate over the bona fide
+        ``whole_items``, precision/recall/F1/IoU over ``items`` (and F1 over each attack's),
+        the pooled segment EER over ``items`` and ``whole_items``.
     """
     from xai_lib.explanation.calibration import calibrated_metrics, frame_eer_by_resolution, frame_threshold
     from xai_lib.explanation.evaluation import attribute_items
@@ -210,6 +210,12 @@ def calibrate_methods(
         partial = results[m]["attributions"]
         extra = whole.get(m, [])
         values = calibrated_metrics(tau, [extra[i] for i in bona_rows], partial, masks)
+        attacks = sorted({str(it.get("attack")) for it in items} - {"None", "-"})
+        values["f1_per_attack"] = {
+            a: calibrated_metrics(tau, [], [s for s, it in zip(partial, items) if str(it.get("attack")) == a],
+                                  [mk for mk, it in zip(masks, items) if str(it.get("attack")) == a])["f1"]
+            for a in attacks
+        }
         values["frame_eer_by_resolution"] = frame_eer_by_resolution([*partial, *extra], [*masks, *whole_masks],
                                                                      float(detector.frame_hop_s))
         out[m] = values
