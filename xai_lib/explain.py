@@ -79,6 +79,7 @@ __all__ = [
     "verdict_of",
     "frame_spans",
     "run_calibrations",
+    "importance_calibration",
     "resolve_threshold",
     "collect_inputs",
     "main",
@@ -164,13 +165,15 @@ def run_calibrations(run_dir: str | Path, importance_model: Any | None = None) -
             cal = entry.get("calibrated") if isinstance(entry, Mapping) else None
             if isinstance(cal, Mapping) and cal.get("threshold") is not None:
                 found[name] = dict(cal)
-    cal = _importance_calibration(importance_model)
+    cal = importance_calibration(importance_model)
     if cal is not None:
         found["importance"] = cal
     return found
 
 
-def _importance_calibration(importance_model: Any | None) -> dict[str, Any] | None:
+def importance_calibration(importance_model: Any | None) -> dict[str, Any] | None:
+    """The learned importance's calibration: ``importance_model.calibration`` (else the checkpoint's
+    ``extra["calibration"]``) when it holds a ``threshold``, else ``None``."""
     if importance_model is None:
         return None
     cal = getattr(importance_model, "calibration", None)

@@ -408,7 +408,7 @@ class ImportanceViewer:
         Raises:
             ValueError: an unknown method, ``"importance"`` without ``importance_model``.
         """
-        from xai_lib.explain import Explainer, _importance_calibration, score_threshold_of
+        from xai_lib.explain import Explainer, importance_calibration, score_threshold_of
         from xai_lib.explanation.methods import METHODS, Attributor
 
         if methods is None:
@@ -425,7 +425,7 @@ class ImportanceViewer:
         options = {m: dict(o) for m, o in (method_options or {}).items()}
         attributor = Attributor(detector, importance_model=importance_model, sample_rate=sample_rate)
         taus = dict(thresholds or {})
-        calibration = _importance_calibration(importance_model)
+        calibration = importance_calibration(importance_model)
         if calibration is not None:
             taus.setdefault("importance", float(calibration["threshold"]))
         score_default = score_threshold is None
