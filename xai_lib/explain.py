@@ -319,7 +319,9 @@ class Explanation:
         tau = "" if self.threshold is None else (
             f"; {len(self.spans)} span(s) above τ = {self.threshold:.3g}"
             + ("" if self.false_flag_rate is None else f" (false-flag rate {self.false_flag_rate:g})"))
-        ax.set_title(f"{self.file}: {self.verdict.upper()} (score {self.score:+.2f} {sign} {self.score_threshold:+.2f}){tau}",
+        default = ", default threshold" if self.score_threshold_source == DEFAULT_THRESHOLD_SOURCE else ""
+        ax.set_title(f"{self.file}: {self.verdict.upper()} (score {self.score:+.2f} {sign} {self.score_threshold:+.2f}"
+                     f"{default}){tau}",
                      fontsize="medium")
         return ax.figure
 
