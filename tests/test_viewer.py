@@ -225,3 +225,106 @@ def test_from_detector_end_to_end(tiny_model_config, tmp_path):
         ImportanceViewer.from_detector(detector, items, methods=["importance"])
     with pytest.raises(ValueError, match="unknown attribution method"):
         ImportanceViewer.from_detector(detector, items, methods=["gradcam"])
+
+
+# ----------------------------------------------------------------------------- calibrated scale, verdict, explain a file
+
+
+def test_a_calibrated_method_is_drawn_absolute_with_tau_and_min_max_stays_reachable(tmp_path):
+    v = ImportanceViewer(_items(), _fake_attribution, methods=["ramp", "bump"], thresholds={"ramp": 5.0},
+                         save_dir=tmp_path)
+    raw = _fake_attribution(v.current_item, "ramp")  # 3 t - 7: -7 ... 50
+    assert v.current_scale == "absolute" and v.threshold.value == pytest.approx(5.0)
+    np.testing.assert_allclose(v.current_importance, raw)  # absolute: never rescaled
+    np.testing.assert_array_equal(v.highlighted_frames, raw > 5.0)
+    assert v.overlay.threshold == pytest.approx(5.0)
+    assert v.overlay.highlighted_spans_s == spans_above_threshold(raw, 5.0, HOP)
+    assert "absolute" in v.overlay.twin_ax.get_ylabel() and "τ = 5" in v.overlay.twin_ax.get_ylabel()
+    assert v.threshold.min <= raw.min() and v.threshold.max >= raw.max()
+    v.threshold.value = 20.0  # the slider moves tau for this view ...
+    np.testing.assert_array_equal(v.highlighted_frames, raw > 20.0)
+    v.utterance.value = "u_bona"  # ... and a new utterance resets it to tau
+    assert v.threshold.value == pytest.approx(5.0) and v.current_threshold == pytest.approx(5.0)
+    # a method without a calibration is drawn min-max, and says so
+    v.method.value = "bump"
+    assert v.current_scale == "minmax" and "min-max" in v.overlay.twin_ax.get_ylabel()
+    np.testing.assert_allclose(v.current_importance, minmax_normalize(_fake_attribution(v.current_item, "bump")))
+    assert v.threshold.value == pytest.approx(0.5) and (v.threshold.min, v.threshold.max) == (0.0, 1.0)
+    # the toggle draws the calibrated method min-max too
+    v.method.value = "ramp"
+    v.scale.value = "minmax"
+    T = v.current_importance.size
+    np.testing.assert_allclose(v.current_importance, np.arange(T) / (T - 1))
+    np.testing.assert_array_equal(v.highlighted_frames, np.arange(T) / (T - 1) > 0.5)
+    v.scale.value = "absolute"
+    assert v.current_scale == "absolute" and v.threshold.value == pytest.approx(5.0)
+    assert v.last_error is None
+
+
+def test_the_verdict_of_the_current_utterance_is_shown(tmp_path):
+    v = ImportanceViewer(_items(), _fake_attribution, methods=["ramp"], score_threshold=-1.0, save_dir=tmp_path)
+    assert v.current_verdict == "spoof"  # score -2.5 < -1
+    assert "SPOOF" in v.verdict.value and "-2.500 &lt; -1.000" in v.verdict.value
+    assert "verdict SPOOF" in v.figure.get_suptitle()
+    v.utterance.value = "u_bona"
+    assert v.current_verdict == "bonafide" and "BONAFIDE" in v.verdict.value
+    default = ImportanceViewer(_items(), _fake_attribution, methods=["ramp"], save_dir=tmp_path)
+    assert default.current_verdict == "spoof" and "default threshold" in default.verdict.value
+
+
+def test_explain_file_adds_the_file_and_shows_it(viewer, tmp_path):
+    wave = (0.1 * np.random.default_rng(3).standard_normal(int(0.5 * SR))).astype(np.float32)
+    sf.write(tmp_path / "clip.wav", wave, SR)
+    viewer.method.value = "bump"
+    viewer.path.value = str(tmp_path / "clip.wav")
+    viewer.explain_button.click()
+    assert viewer.last_error is None
+    assert viewer.utterance.value == f"file:{tmp_path / 'clip.wav'}"
+    item = viewer.current_item
+    assert item["wave"].size == wave.size and item["score"] is None and viewer.current_verdict is None
+    np.testing.assert_allclose(viewer.current_importance, minmax_normalize(_fake_attribution(item, "bump")))
+    assert "clip.wav" in viewer.status.value and len(viewer.items) == 3
+    viewer.method.value = "ramp"  # every method works on it
+    assert viewer.last_error is None
+    viewer.explain_file(tmp_path / "clip.wav")  # again: replaced, not duplicated
+    assert len(viewer.items) == 3
+    viewer.path.value = str(tmp_path / "missing.wav")
+    viewer.explain_button.click()
+    assert "missing.wav" in viewer.last_error and "missing.wav" in viewer.status.value
+    viewer.utterance.value = "u_spoof"
+    assert viewer.last_error is None
+
+
+def test_explain_file_from_detector_is_the_command_code(tiny_model_config, tmp_path):
+    from xai_lib.config import XAIConfig
+    from xai_lib.detector.model import Detector
+    from xai_lib.explain import Explainer, Explanation
+    from xai_lib.importance.inference import LoadedXAI
+    from xai_lib.importance.module import XAIModule
+
+    torch.manual_seed(0)
+    detector = Detector(tiny_model_config).eval()
+    module = XAIModule(detector.ssl_dim, XAIConfig(importance_hidden_dim=8))
+    module.prototypes.set_from_class_means(torch.randn(2, detector.ssl_dim))
+    xai = LoadedXAI(module=module.eval(), config=XAIConfig(importance_hidden_dim=8), representation="ssl",
+                    in_dim=detector.ssl_dim)
+    xai.calibration = {"threshold": 0.5, "false_flag_rate": 0.01}
+    v = ImportanceViewer.from_detector(detector, _items(), importance_model=xai, methods=("importance", "random"),
+                                       thresholds={"random": 0.8}, score_threshold=0.1, save_dir=tmp_path)
+    assert v.thresholds == {"random": 0.8, "importance": 0.5}
+    assert v.current_scale == "absolute" and v.threshold.value == pytest.approx(0.5)
+    wave = (0.1 * np.random.default_rng(5).standard_normal(int(0.7 * SR))).astype(np.float32)
+    sf.write(tmp_path / "clip.wav", wave, SR)
+    for method, tau in (("importance", 0.5), ("random", 0.8)):
+        v.method.value = method
+        v.explain_file(tmp_path / "clip.wav")
+        e = v.last_explanation
+        assert isinstance(e, Explanation) and v.last_error is None
+        expected = Explainer(detector, method, threshold=tau, importance_model=xai, score_threshold=0.1)(tmp_path / "clip.wav")
+        np.testing.assert_allclose(v.current_importance, expected.frame_scores, rtol=1e-5, atol=1e-6)
+        assert v.current_item["score"] == pytest.approx(expected.score, abs=1e-5)
+        assert v.current_verdict == e.verdict == expected.verdict
+        spans = spans_above_threshold(v.current_importance, tau, HOP)
+        assert v.overlay.highlighted_spans_s == spans and len(spans) == len(e.spans)
+        np.testing.assert_allclose(np.array(spans).reshape(-1, 2), [(s["start_s"], s["end_s"]) for s in e.spans] or
+                                   np.zeros((0, 2)), atol=1e-6)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 __version__ = "0.1.0"
-__all__ = ["load_detector", "__version__"]
+__all__ = ["load_detector", "explain", "__version__"]
 
 
 def __getattr__(name: str) -> Any:  # lazy: `import xai_lib` stays cheap
@@ -17,4 +17,8 @@ def __getattr__(name: str) -> Any:  # lazy: `import xai_lib` stays cheap
         from xai_lib.detector.checkpoint import load_detector
 
         return load_detector
+    if name == "explain":  # the module, callable as explain(path_or_wave, run_dir, ...)
+        import importlib
+
+        return importlib.import_module("xai_lib.explain")
     raise AttributeError(f"module 'xai_lib' has no attribute {name!r}")

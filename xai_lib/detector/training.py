@@ -37,8 +37,8 @@ from xai_lib.config import Stage1Config, config_to_dict, notebook_config, save_c
 from xai_lib.data.datasets import EvalDataset, build_split, collate_padded, scan_audio
 from xai_lib.data.protocols import Utterance
 from xai_lib.detector.metrics import utterance_eer
-from xai_lib.detector.checkpoint import average_state_dicts, save_detector
-from xai_lib.files import unwrap_model
+from xai_lib.detector.checkpoint import FORMAT_NAME, average_state_dicts, save_detector
+from xai_lib.files import atomic_torch_save, safe_torch_load, unwrap_model
 from xai_lib.detector.model import Detector
 from xai_lib.training import (
     BestCheckpoints,
@@ -67,6 +67,7 @@ __all__ = [
     "score_utterances",
     "stage1_report",
     "read_asv_scores",
+    "store_score_threshold",
 ]
 
 log = logging.getLogger(__name__)
@@ -532,6 +533,44 @@ def read_asv_scores(path: str | Path) -> dict[str, np.ndarray]:
     return {k: np.asarray(v) for k, v in groups.items()}
 
 
+def store_score_threshold(detector: Detector, threshold: float, source: str = "dev EER") -> Path | None:
+    """Keep the verdict threshold in the checkpoint the detector was loaded from.
+
+    ``python -m xai_lib.explain`` calls an utterance spoof when its score (the bona fide
+    logit, as in the score files) is below ``threshold``. The value is written into our
+    format's ``extra`` as ``score_threshold`` (and ``score_threshold_source``), the file
+    rewritten atomically, and ``detector.load_report.extra`` updated, so a later
+    :func:`~xai_lib.detector.checkpoint.load_detector` returns it. A detector not loaded
+    from our format (a published plain state dict, or built in memory) is left alone.
+
+    Args:
+        detector: the detector, as returned by ``load_detector``.
+        threshold: the score threshold (e.g. the dev-EER operating point).
+        source: how it was obtained.
+
+    Returns:
+        The rewritten file, or ``None`` when nothing was written.
+    """
+    report = getattr(detector, "load_report", None)
+    if report is None or report.format != FORMAT_NAME or not Path(report.path).is_file():
+        log.info("score threshold %.4f not stored: the detector was not loaded from an %s checkpoint", threshold, FORMAT_NAME)
+        return None
+    path = Path(report.path)
+    obj = safe_torch_load(path)
+    if not isinstance(obj, dict) or obj.get("format") != FORMAT_NAME:
+        log.warning("score threshold not stored: %s is no longer an %s checkpoint", path, FORMAT_NAME)
+        return None
+    extra = dict(obj.get("extra") or {})
+    wanted = {"score_threshold": float(threshold), "score_threshold_source": str(source)}
+    report.extra.update(wanted)
+    if all(extra.get(k) == v for k, v in wanted.items()):
+        return path  # already there: the file (and its SHA-256, which Stage 2 records) stays as it is
+    obj["extra"] = {**extra, **wanted}
+    atomic_torch_save(obj, path)
+    log.info("stored the verdict threshold %.4f (%s) in %s", threshold, source, path)
+    return path
+
+
 def stage1_report(
     detector: Detector,
     cfg: Stage1Config,
@@ -551,6 +590,8 @@ def stage1_report(
         The ``metrics.json["stage1"]`` values: ``{split}_eer``, ``{split}_threshold``,
         ``{split}_eer_per_attack`` (attack -> EER, plus ``pooled``), ``{split}_num_utts``,
         ``eval_min_tdcf`` when ``asv_score_file`` is given. EERs are fractions in [0, 1].
+        The dev-EER threshold is also stored in the detector's checkpoint
+        (:func:`store_score_threshold`): the verdict threshold of ``python -m xai_lib.explain``.
     """
     from xai_lib import plots
     from xai_lib.detector.metrics import compute_min_tdcf, eer_per_attack, write_score_file
@@ -577,6 +618,8 @@ def stage1_report(
         eer, thr = utterance_eer(bona, spoof)
         metrics[f"{split}_eer"] = float(eer)
         metrics[f"{split}_threshold"] = float(thr)
+        if split == "dev":
+            store_score_threshold(detector, float(thr))
         per_attack = eer_per_attack({u: scores[u] for u in labels}, labels, attacks)
         metrics[f"{split}_eer_per_attack"] = {k: float(v) for k, v in per_attack.items()}
         fig, axes = plt_subplots(1, 2, figsize=(10, 3.6))
