@@ -121,9 +121,12 @@ for png in stage3["figures"]:
 
 # %% [markdown]
 # ## The viewer
-# Pick an utterance and a method, listen, and move the threshold to highlight the frames above
-# it; *Save PNG* writes the figure into `run_dir/figures/`. (In an executed copy saved by the
-# pipeline the widget is static; open this notebook in JupyterLab to use it.)
+# Every method is drawn on its own absolute scale with its calibrated threshold τ (frames above
+# it are highlighted; a "per-utterance min-max" toggle exists for comparison, labelled as such),
+# beside the detector's verdict. Pick an utterance and a method, listen, move the threshold;
+# *Explain file* explains any audio file by path, as `python -m xai_lib.explain` does; *Save
+# PNG* writes the figure into `run_dir/figures/`. (In an executed copy saved by the pipeline
+# the widget is static; open this notebook in JupyterLab to use it.)
 
 # %%
 viewer = ImportanceViewer.from_detector(
@@ -132,10 +135,14 @@ viewer = ImportanceViewer.from_detector(
     method_options={"integrated_gradients": {"n_steps": ig_steps}},
     similarity_fn=similarity_fn(detector, xai) if xai is not None else None,
     save_dir=run_dir / "figures",
+    thresholds={m: r["calibrated"]["threshold"] for m, r in stage3["methods"].items()
+                if r.get("calibrated") and m != "importance"},  # the importance's own comes with it
 )
 viewer.save_png()
 viewer
 
 # %% [markdown]
 # Use the viewer to listen to what each method flags: pick a partially spoofed utterance, set
-# the method to `importance`, and compare the highlighted frames with the hatched spans.
+# the method to `importance`, and compare the highlighted frames with the hatched spans. For
+# files outside the corpus, `python -m xai_lib.explain FILE --run RUN_DIR` writes the same answer
+# as JSON, an Audacity label track, RTTM, CSV and PNG.
