@@ -311,3 +311,24 @@ def test_synthetic_partial_spoofs_keep_their_bona_fide_source(tiny_corpus):
                 inside[a:b] = True
             assert len(s) == len(x) and np.array_equal(x[~inside], s[~inside])
             assert not np.array_equal(x[inside], s[inside])
+
+
+def test_stage2_trains_on_the_randomised_detector_in_a_temporary_run(tiny_detector, tiny_corpus):
+    """The stronger check's plumbing: a randomised copy is saved, Stage 2 trains on it with a short
+    schedule, and its importance is measured on partially spoofed items; threads are restored."""
+    from xai_lib.config import Stage2Config, load_config
+    from xai_lib.explanation.evaluation import load_explanation_set
+    from xai_lib.explanation.sanity import importance_on_randomised_detector, randomised_copy
+
+    cfg = load_config({"xai": {"importance_hidden_dim": 8}, "data": {"root": str(tiny_corpus), "crop_samples": 8000},
+                       "training": {"batch_size": 4, "eval_batch_size": 4, "num_threads": 1, "seed": 3}}, Stage2Config)
+    items = load_explanation_set(cfg.data, "eval", detector=tiny_detector)
+    torch.set_num_threads(2)
+    try:
+        res = importance_on_randomised_detector(randomised_copy(tiny_detector), cfg, items,
+                                                ["training.num_epochs=1", "training.max_steps_per_epoch=1",
+                                                 "data.max_train_utts=8", "data.max_eval_utts=4"])
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(1)
+    assert 0.0 <= res["loc_auc"] <= 1.0 and res["epochs_completed"] == 1 and res["max_steps_per_epoch"] == 1

@@ -83,6 +83,7 @@ __all__ = [
     "WaveformRemover",
     "input_domain_check",
     "thresholds_from_stage3",
+    "called_spoof_first",
     "load_sources",
     "sanity_tables",
 ]
@@ -250,7 +251,7 @@ def randomisation_check(
 
     Returns:
         ``{"randomisation": {NAME: [{"level", "spearman", "spearman_abs", "n_utterances"}, ...]},
-        "randomisation_summary": {NAME: {"level", "spearman", "flagged"}}, "levels": [{"level",
+        "randomisation_summary": {NAME: {"level", "spearman", "spearman_abs", "flagged"}}, "levels": [{"level",
         "paths", "fraction_of_parameters"}], "n_utterances"}``; ``spearman`` is the mean over the
         utterances (``None`` when every map is constant), ``spearman_abs`` the same on |map|.
     """
@@ -277,7 +278,8 @@ def randomisation_check(
     for m in methods:
         last = table[m][-1] if table[m] else {"level": None, "spearman": None}
         rho = last["spearman"]
-        summary[m] = {"level": last["level"], "spearman": rho, "flagged": bool(rho is not None and rho >= FLAG_SPEARMAN)}
+        summary[m] = {"level": last["level"], "spearman": rho, "spearman_abs": last.get("spearman_abs"),
+                      "flagged": bool(rho is not None and rho >= FLAG_SPEARMAN)}
     flagged = [m for m, s in summary.items() if s["flagged"]]
     if flagged:
         log.warning("randomisation sanity check: %s keep a Spearman >= %.1f with their original map on a detector "
@@ -304,6 +306,7 @@ def importance_on_randomised_detector(
     items: Sequence[Mapping[str, Any]],
     overrides: Sequence[str] = RETRAIN_OVERRIDES,
     progress: bool = False,
+    label: str = "the randomised detector",
 ) -> dict[str, Any]:
     """Train Stage 2 briefly on ``random_detector`` and measure its localisation on ``items``.
 
@@ -313,7 +316,8 @@ def importance_on_randomised_detector(
     ``items`` through that detector. The process's torch threads and RNG states are restored after.
 
     Returns:
-        ``{"loc_auc", "pointing_game", "seconds", "overrides", "epochs_completed", "steps"}``.
+        ``{"loc_auc", "pointing_game", "seconds", "overrides", "epochs_completed", "max_steps_per_epoch",
+        "batch_size", "max_train_utts"}``.
     """
     from xai_lib.detector import save_detector
     from xai_lib.explanation.evaluation import attribute_items
@@ -338,11 +342,11 @@ def importance_on_randomised_detector(
         finally:
             torch.set_num_threads(threads)
     loc = localization_metrics(maps, [it["spoof_mask"] for it in loc_items])
-    steps = (cfg.training.max_steps_per_epoch or 0) * result.epochs_completed
     out = {"loc_auc": _none_if_nan(loc["loc_auc"]), "pointing_game": _none_if_nan(loc["pointing_game"]),
            "seconds": time.perf_counter() - t0, "overrides": list(overrides),
-           "epochs_completed": result.epochs_completed, "max_steps": steps or None}
-    log.info("Stage 2 trained %d epochs on the randomised detector in %.0f s: loc ROC-AUC %s", result.epochs_completed,
+           "epochs_completed": result.epochs_completed, "max_steps_per_epoch": cfg.training.max_steps_per_epoch,
+           "batch_size": cfg.training.batch_size, "max_train_utts": cfg.data.max_train_utts}
+    log.info("Stage 2 trained %d epochs on %s in %.0f s: loc ROC-AUC %s", result.epochs_completed, label,
              out["seconds"], _fmt(out["loc_auc"]))
     return out
 
@@ -497,6 +501,7 @@ def input_domain_check(
     rows = [i for i, it in enumerate(items) if it.get("label") != 1]
     methods = list(attributions)
     acc = {m: {k: [] for k in ("wd", "wi", "rd", "ri")} for m in methods}
+    ends: dict[str, list[float]] = {k: [] for k in ("w0", "w1", "r0", "r1")}  # p_spoof, nothing / everything removed
     device = next(detector.parameters()).device
     order = sorted(rows, key=lambda i: -len(items[i]["wave"]))
     for start in range(0, len(order), batch_size):
@@ -511,6 +516,9 @@ def input_domain_check(
                 res = deletion_insertion(scorer, imp, lengths=n_frames, steps=steps, device=device)
                 acc[m][key + "d"].extend(res["deletion_auc_per_utt"].tolist())
                 acc[m][key + "i"].extend(res["insertion_auc_per_utt"].tolist())
+                if m == methods[0]:  # the same for every ordering
+                    ends[key + "0"].extend(res["deletion_curves"][:, 0].tolist())
+                    ends[key + "1"].extend(res["deletion_curves"][:, -1].tolist())
     table = {
         m: {"deletion_auc": _mean(a["wd"]), "insertion_auc": _mean(a["wi"]),
             "representation_deletion_auc": _mean(a["rd"]), "representation_insertion_auc": _mean(a["ri"])}
@@ -523,6 +531,8 @@ def input_domain_check(
         ok = len(methods) >= 3 and all(v is not None for v in (*x, *y))
         agree[f"{kind}_spearman"] = _none_if_nan(_spearman(np.array(x), np.array(y))) if ok else None
     return {"methods": table, "rank_agreement": agree, "steps": steps, "n_utterances": len(rows),
+            "p_spoof_nothing_removed": {"waveform": _mean(ends["w0"]), "representation": _mean(ends["r0"])},
+            "p_spoof_everything_removed": {"waveform": _mean(ends["w1"]), "representation": _mean(ends["r1"])},
             "removal": "waveform: the utterance's noise floor (quietest 10 % of frames), 5 ms cross-fades; "
                        f"representation: {'bona fide reference frames' if reference is not None else 'zeroed'}"}
 
@@ -664,6 +674,20 @@ def restoration_check(
     return out
 
 
+def called_spoof_first(detector: nn.Module, items: Sequence[Mapping[str, Any]], score_threshold: float | None,
+                       n: int, batch_size: int = 8) -> list[Mapping[str, Any]]:
+    """``n`` of ``items``: those the detector calls spoof (score below ``score_threshold``) first, in
+    their order, then the others (a subset whose restoration flip rate is defined; ``None``: the
+    first ``n``)."""
+    items = list(items)
+    if score_threshold is None or n >= len(items):
+        return items[:n]
+    scores = _bona_scores(detector, [np.asarray(it["wave"], dtype=np.float32) for it in items], batch_size)
+    order = [i for i in range(len(items)) if scores[i] < score_threshold]
+    order += [i for i in range(len(items)) if scores[i] >= score_threshold]
+    return [items[i] for i in sorted(order[:n])]
+
+
 # ----------------------------------------------------------------------------- the entry point
 
 
@@ -802,7 +826,7 @@ def run_sanity(
             sanity["retrain"] = res
             if retrain_control:
                 ctrl = importance_on_randomised_detector(detector, cfg_src, [items[i] for i in loc_rows],
-                                                         retrain_overrides, progress)
+                                                         retrain_overrides, progress, label="the detector itself")
                 sanity["importance_short_schedule_on_detector_loc_auc"] = ctrl["loc_auc"]
                 sanity["retrain_control"] = ctrl
         seconds["retrain"] = time.perf_counter() - t0
@@ -862,10 +886,12 @@ def sanity_tables(sanity: Mapping[str, Any]) -> str:
     rand = sanity.get("randomisation") or {}
     if rand:
         levels = [e["level"] for e in next(iter(rand.values()))]
-        out += ["| method | " + " | ".join(levels) + " | flagged |", "|" + "---|" * (len(levels) + 2)]
+        out += ["| method | " + " | ".join(levels) + " | same on abs values, last level | flagged |",
+                "|" + "---|" * (len(levels) + 3)]
         for m, entries in rand.items():
             flag = (sanity.get("randomisation_summary") or {}).get(m, {}).get("flagged")
-            out.append(f"| {m} | " + " | ".join(_fmt(e["spearman"]) for e in entries) + f" | {'**yes**' if flag else 'no'} |")
+            out.append(f"| {m} | " + " | ".join(_fmt(e["spearman"]) for e in entries)
+                       + f" | {_fmt(entries[-1].get('spearman_abs')) if entries else '–'} | {'**yes**' if flag else 'no'} |")
         out.append("")
         out.append(f"Stage 2 trained on the fully randomised detector: loc ROC-AUC "
                    f"{_fmt(sanity.get('importance_on_randomised_detector_loc_auc'))} (trained module on the real "
@@ -893,9 +919,11 @@ def sanity_tables(sanity: Mapping[str, Any]) -> str:
         for m, r in dom["methods"].items():
             out.append(f"| {m} | {_fmt(r['deletion_auc'])} | {_fmt(r['representation_deletion_auc'])} | "
                        f"{_fmt(r['insertion_auc'])} | {_fmt(r['representation_insertion_auc'])} |")
-        ra = dom["rank_agreement"]
+        ra, p0, p1 = dom["rank_agreement"], dom["p_spoof_nothing_removed"], dom["p_spoof_everything_removed"]
         out.append(f"\nRank agreement of the methods between the domains (Spearman): deletion "
-                   f"{_fmt(ra['deletion_spearman'])}, insertion {_fmt(ra['insertion_spearman'])}.")
+                   f"{_fmt(ra['deletion_spearman'])}, insertion {_fmt(ra['insertion_spearman'])}. Spoof probability "
+                   f"with nothing / everything removed: waveform {_fmt(p0['waveform'])} / {_fmt(p1['waveform'])}, "
+                   f"representation {_fmt(p0['representation'])} / {_fmt(p1['representation'])}.")
     return "\n".join(out)
 
 
