@@ -19,15 +19,17 @@
 # importance, captum's Integrated Gradients, saliency and 20 ms occlusion, attention rollout
 # over the TCM attention maps, and a random floor. Measures faithfulness (deletion / insertion
 # AUC on the frozen detector), localisation (frame ROC-AUC, frame EER, pointing game) and
-# cost, draws the figures, and ends with the interactive viewer.
+# cost, draws the figures, runs sanity checks (model randomisation, counterfactual restoration,
+# waveform-domain deletion), and ends with the interactive viewer.
 #
 # **What it needs.** A run directory with notebooks 01 and 02 done (`run_dir`). The data is
 # the one the run trained with (its `config_stage2.yaml`); `data_root` and `overrides`
 # (`data.*`) point it elsewhere.
 #
-# **Where the products go.** `run_dir/figures/stage3_*.png` and `metrics.json["stage3"]`.
+# **Where the products go.** `run_dir/figures/stage3_*.png` and `metrics.json["stage3"]`
+# (the sanity checks under `["sanity"]` and each method's `["restoration"]`).
 # About 1 minute on 2 CPU cores with the defaults (Integrated Gradients and occlusion take
-# most of it).
+# most of it), and about one more for the sanity checks (`sanity: False` skips them).
 
 # %% tags=["parameters"]
 stage1_checkpoint: str = ""  # Stage-1 checkpoint; empty: run_dir/stage1_detector.pth
@@ -41,6 +43,13 @@ num_utterances: int = 24  # partially spoofed utterances explained by every meth
 calibration_utterances: int = 8  # bona fide dev utterances that calibrate every method's threshold (0: skip)
 false_flag_rate: float = 0.01  # share of bona fide frames allowed above each method's threshold
 ig_steps: int = 50  # Integrated Gradients steps
+sanity: bool = True  # sanity checks: model randomisation, counterfactual restoration, waveform-domain deletion
+sanity_utterances: int = 4  # partially spoofed utterances of the sanity checks (those the detector calls spoof first)
+sanity_methods: list = ["importance", "integrated_gradients", "saliency", "attention_rollout", "random"]  # occlusion: one detector pass per frame, add it when time allows
+sanity_levels: int = 3  # randomisation levels from the top: classifier, back end, SSL transformer (4: + SSL conv encoder)
+sanity_ig_steps: int = 8  # Integrated Gradients steps in the sanity checks
+sanity_steps: int = 4  # deletion/insertion steps of the waveform-domain check (2 (steps + 1) detector passes per method)
+sanity_retrain: bool = True  # also train Stage 2 briefly (2 epochs of at most 8 steps) on the fully randomised detector
 smoke: bool = False  # seconds-long run
 seed: int = 1234  # random seed (utterance draw, random baseline)
 
@@ -72,6 +81,7 @@ stage1_path = resolve_path(stage1_checkpoint) if stage1_checkpoint else run_dir 
 stage2_path = resolve_path(stage2_checkpoint) if stage2_checkpoint else run_dir / "stage2_xai.pth"
 if smoke:
     num_utterances, ig_steps, calibration_utterances = min(num_utterances, 4), min(ig_steps, 4), min(calibration_utterances, 2)
+    sanity_utterances, sanity_ig_steps, sanity_steps = min(sanity_utterances, 2), min(sanity_ig_steps, 2), min(sanity_steps, 2)
 detector = load_detector(stage1_path)
 xai = load_xai(stage2_path, detector=detector) if "importance" in methods else None
 data_cfg = run_data_config(run_dir, data_root, overrides)
@@ -118,6 +128,58 @@ display(Markdown(calibrated_table(stage3["methods"])))
 # %%
 for png in stage3["figures"]:
     display(Image(filename=png))
+
+# %% [markdown]
+# ## Sanity: do the explanations describe this detector, and its evidence?
+# Three checks of every method on the same few utterances (`sanity_utterances`, those the
+# detector calls spoof first), `xai_lib.explanation.sanity`:
+#
+# * **Model-parameter randomisation** (Adebayo et al., 2018). A copy of the detector is
+#   re-initialised from the top down (classifier; + Conformer-TCM blocks and neck; + SSL
+#   transformer; optionally + SSL conv encoder) and every method explains the same utterances
+#   again. Look at the Spearman correlation with the original map: it should fall towards 0 as
+#   more of the detector is random. A method still at 0.5 or more at the deepest level is
+#   **flagged**: its map reflects the input or the architecture, not what the detector learned.
+#   `random` is redrawn at every level (what "uncorrelated" looks like). The learned importance
+#   reads SSL features, so randomising only the back end cannot change it; `sanity_retrain`
+#   also trains Stage 2 briefly on the fully randomised detector: its localisation ROC-AUC should
+#   fall to chance (0.5), far below the trained module's.
+# * **Counterfactual restoration.** The frames a method flags (above its calibrated threshold,
+#   and separately its top 30 %) are replaced by the original bona fide audio of the corpus
+#   (`partial_spoof/sources/`; a corpus generated without them skips this check) and the
+#   detector scores again: a good explanation flips its verdict (flip rate, among the utterances
+#   called spoof at the dev-EER threshold). `random` and the `oracle` (the true spans) bound the
+#   table; restoring a genuine frame changes nothing, so only the spoofed frames found count.
+# * **Waveform-domain deletion/insertion.** The deletion/insertion above removes frames inside
+#   the detector; here a removed frame becomes the utterance's own noise floor in the waveform
+#   and the whole detector runs again. Look at whether the methods rank the same in both domains,
+#   and at the spoof probability with everything removed (a removal the detector itself calls
+#   spoof cannot show deletion).
+#
+# The subsets are small so that the section takes under a minute on 2 CPU cores with the demo
+# (4 utterances, 3 levels, Integrated Gradients with `sanity_ig_steps` steps, 4 deletion steps;
+# occlusion, one detector pass per frame, is left out by default): a demonstration, not final
+# numbers; run `xai_lib.explanation.sanity.run_sanity` with more utterances and every method for those.
+
+# %%
+if sanity:
+    import json
+
+    from xai_lib.explanation.sanity import called_spoof_first, run_sanity, sanity_tables, thresholds_from_stage3
+
+    dev_threshold = json.loads((run_dir / "metrics.json").read_text()).get("stage1", {}).get("dev_threshold")
+    sanity_items = called_spoof_first(detector, items, dev_threshold, sanity_utterances)
+    checked = run_sanity(detector, xai, sanity_items, run_dir, [m for m in sanity_methods if m in methods],
+                         thresholds_from_stage3(stage3), data_cfg, dev_threshold, split=split,
+                         method_kwargs={"integrated_gradients": {"n_steps": sanity_ig_steps}},
+                         num_levels=sanity_levels, steps=sanity_steps, retrain=sanity_retrain, seed=seed)
+    stage3["sanity"] = checked["sanity"]
+    for name, row in checked["restoration"].items():
+        stage3["methods"][name]["restoration"] = row
+    merge_metrics(run_dir, "stage3", stage3)
+    display(Markdown(sanity_tables(checked["sanity"])))
+    for png in checked["sanity"]["figures"]:
+        display(Image(filename=png))
 
 # %% [markdown]
 # ## The viewer

@@ -9,6 +9,7 @@ the ASVspoof 2019 LA layout, so the loaders for real data serve it unchanged::
     OUT/partial_spoof/protocols/PartialSpoof.LA.cm.{dev,eval}.trl.txt
     OUT/partial_spoof/segment_labels/{dev,eval}_seglab_0.02.npy   # '1' bona fide / '0' spoof per 20 ms
     OUT/partial_spoof/spans_{dev,eval}.json                       # utt -> [[start, end), ...] samples
+    OUT/partial_spoof/sources/{dev,eval}/CON_{D,E}_NNNNNNN.flac     # the same utterance, nothing spliced
     OUT/corpus.json                                               # seed, size, counts, attacks, timing
 
 **Bona fide** utterances are procedurally synthesized speech-like signals (source-filter):
@@ -39,6 +40,12 @@ Train and dev use A01-A04; eval uses A01 and A04 (seen) plus A05 and A06 (unseen
 (placed over speech, at least 0.1 s apart) replaced by the level-matched attacked version of
 the same content (5 ms raised-cosine fades inside the span), labelled spoof with the attack
 used. The 20 ms segment labels mark a segment spoof ('0') iff it overlaps a recorded span.
+Beside each partially spoofed utterance its **bona fide source** is saved
+(``partial_spoof/sources/{dev,eval}/``): the same content, room, noise realisation and level
+without the splice, so outside the spans it is sample for sample the spliced file and inside
+them it is the genuine speech the attack replaced (counterfactual restoration,
+:mod:`xai_lib.explanation.sanity`). Sources are extra files: the other files are unchanged, and a
+corpus written before them (``corpus.json`` without ``"bonafide_sources"``) simply has none.
 
 The bona fide fraction is 30 % in every split (ASVspoof 2019 LA has about 10 %): enough bona
 fide examples for a tiny detector to learn from, while keeping the spoof-majority imbalance
@@ -52,6 +59,7 @@ CLI: ``python -m xai_lib.data.synthetic --out DIR [--seed N] [--size tiny|demo] 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
 import math
@@ -82,6 +90,8 @@ __all__ = [
     "EVAL_ATTACKS",
     "GENERATOR_VERSION",
     "DEMO_CORPUS",
+    "SOURCES_DIR",
+    "source_path",
     "ensure_demo_corpus",
     "CorpusSize",
     "generate_corpus",
@@ -142,6 +152,8 @@ _PROTOCOL_NAMES = {
     "dev": "ASVspoof2019.LA.cm.dev.trl.txt",
     "eval": "ASVspoof2019.LA.cm.eval.trl.txt",
 }
+#: Where the bona fide sources of the partially spoofed utterances go, under the corpus root.
+SOURCES_DIR = "partial_spoof/sources"
 _OWNED = ("ASVspoof2019_LA_train", "ASVspoof2019_LA_dev", "ASVspoof2019_LA_eval", "ASVspoof2019_LA_cm_protocols", "partial_spoof")
 
 
@@ -192,6 +204,7 @@ class _Job:
     partial: bool
     seed: tuple[int, ...]
     path: str
+    source: str = ""  # partial spoofs: where the un-spliced bona fide source goes
 
 
 # ----------------------------------------------------------------------------- content synthesis
@@ -467,6 +480,32 @@ def _normalise_level(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return y
 
 
+def _same_noise_and_level(clean: np.ndarray, dry: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """``clean`` with the noise and gain that ``_normalise_level(_add_noise(dry, rng), rng)`` gives ``dry``.
+
+    ``rng`` must be in the state ``_add_noise`` started from. The arithmetic repeats those two
+    functions step by step, so wherever ``clean`` equals ``dry`` the result equals theirs exactly.
+    """
+    n = len(dry)
+    noise = signal.lfilter([1.0], [1.0, -rng.uniform(0.7, 0.98)], rng.standard_normal(n))
+    snr_db = rng.uniform(30.0, 50.0)
+    noise *= np.sqrt(_active_power(dry) / (np.mean(noise**2) * 10.0 ** (snr_db / 10.0)))
+    noisy_dry, noisy_clean = dry + noise, clean + noise
+    target_db = rng.uniform(-26.0, -20.0)
+    gain = 10.0 ** (target_db / 20.0) / np.sqrt(_active_power(noisy_dry))
+    y, out = noisy_dry * gain, noisy_clean * gain
+    peak = np.abs(y).max()
+    if peak > 0.98:
+        out *= 0.98 / peak
+    return out
+
+
+def source_path(root: str | Path, split: str, utt_id: str) -> Path:
+    """Where the corpus at ``root`` keeps the bona fide source of partially spoofed ``utt_id`` of
+    ``split`` ("dev" or "eval"); the file exists only in corpora written with sources."""
+    return Path(root) / SOURCES_DIR / split / f"{utt_id}.flac"
+
+
 # ----------------------------------------------------------------------------- attacks
 
 _N_FFT, _STFT_HOP = 512, 128
@@ -698,10 +737,14 @@ def _render(job: _Job) -> dict[str, Any]:
         dry = _ATTACK_FNS[job.attack](content, rng)
     else:
         dry = content.wave
+    noise_rng = copy.deepcopy(rng) if job.source else None  # the draws the noise and level are made with
     wave = _normalise_level(_add_noise(dry, rng), rng).astype(np.float32)
     if not np.isfinite(wave).all():  # pragma: no cover - a bug, not a user error
         raise RuntimeError(f"synthesis produced non-finite samples for {job.utt_id}")
     sf.write(job.path, wave, SAMPLE_RATE, format="FLAC", subtype="PCM_16")
+    if noise_rng is not None:
+        source = _same_noise_and_level(content.wave, dry, noise_rng).astype(np.float32)
+        sf.write(job.source, source, SAMPLE_RATE, format="FLAC", subtype="PCM_16")
     return {"utt_id": job.utt_id, "n_samples": len(wave), "spans": [[int(s), int(e)] for s, e in spans]}
 
 
@@ -741,6 +784,7 @@ def _plan_jobs(out: Path, seed: int, size: CorpusSize) -> list[_Job]:
                     partial=partial,
                     seed=(seed, 17, split_idx, i),
                     path=str(folder / f"{utt}.flac"),
+                    source=str(source_path(out, pool, utt)) if partial else "",
                 )
             )
     return jobs
@@ -842,7 +886,7 @@ def generate_corpus(
     meta: dict[str, Any] = {"generator": _GENERATOR_NAME, "version": GENERATOR_VERSION, "seed": seed, "size": size, "complete": False}
     (out / "corpus.json").write_text(json.dumps(meta, indent=2))
     jobs = _plan_jobs(out, seed, spec)
-    for folder in {Path(j.path).parent for j in jobs}:
+    for folder in {Path(p).parent for j in jobs for p in (j.path, j.source) if p}:
         folder.mkdir(parents=True, exist_ok=True)
     n_workers = workers if workers is not None else _default_workers(len(jobs))
 
@@ -920,6 +964,7 @@ def _summary(jobs: Sequence[_Job], results: Sequence[dict[str, Any]], spec: Corp
         "train_attacks": list(TRAIN_ATTACKS),
         "eval_attacks": list(EVAL_ATTACKS),
         "unseen_eval_attacks": [a for a in EVAL_ATTACKS if a not in TRAIN_ATTACKS],
+        "bonafide_sources": SOURCES_DIR + "/{dev,eval}",
         "speakers": speakers,
     }
 
