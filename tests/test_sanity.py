@@ -332,3 +332,16 @@ def test_stage2_trains_on_the_randomised_detector_in_a_temporary_run(tiny_detect
     finally:
         torch.set_num_threads(1)
     assert 0.0 <= res["loc_auc"] <= 1.0 and res["epochs_completed"] == 1 and res["max_steps_per_epoch"] == 1
+
+
+def test_pointing_game_ties_ours_take_the_first_maximum_quantus_any():
+    """The one known difference: on a tie at the maximum ours scores the first arg-max frame
+    (documented in localization_metrics), Quantus a hit if any tied maximum is spoofed."""
+    quantus = pytest.importorskip("quantus", reason="quantus is not installed (optional; see the sanity report)")
+    from xai_lib.explanation.metrics import localization_metrics
+
+    imp, mask = np.array([0.2, 1.0, 0.3, 1.0, 0.1]), np.array([False, False, False, True, False])
+    r = quantus.PointingGame(disable_warnings=True)(model=None, x_batch=np.zeros((1, 1, 5), np.float32),
+                                                    y_batch=np.zeros(1, int), a_batch=imp[None, None],
+                                                    s_batch=mask[None, None].astype(float))
+    assert float(r[0]) == 1.0 and localization_metrics([imp], [mask])["pointing_game"] == 0.0

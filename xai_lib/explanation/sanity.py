@@ -149,7 +149,8 @@ def randomise_(model: nn.Module, paths: Sequence[str], seed: int = 0) -> dict[st
                 else:
                     covered: set[int] = set()
                     for sub in obj.modules():
-                        if hasattr(sub, "reset_parameters") and not parametrize.is_parametrized(sub):
+                        weight_normed = parametrize.is_parametrized(sub) or hasattr(sub, "weight_g")  # new / old style
+                        if hasattr(sub, "reset_parameters") and not weight_normed:
                             sub.reset_parameters()
                             covered.update(id(p) for p in sub.parameters(recurse=False))
                     params = list(obj.named_parameters())
@@ -946,7 +947,7 @@ def _figures(sanity: Mapping[str, Any], fig_dir: Path) -> list[str]:
         ax.set_xticks(np.arange(len(names)), [f"+ {n}" if i > 1 else n for i, n in enumerate(names)])
         ax.axhline(FLAG_SPEARMAN, color="grey", ls="--", lw=1)
         ax.axhline(0.0, color="black", lw=0.5)
-        ax.set_ylim(-0.5, 1.05)
+        ax.set_ylim(-1.05, 1.05)
         ax.set_xlabel("detector randomised from the top down to")
         ax.set_ylabel("Spearman with the original map")
         ax.set_title("model-parameter randomisation (should fall towards 0)")
