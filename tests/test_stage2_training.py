@@ -440,3 +440,4 @@ def test_calibrated_module_with_the_neutral_removal(tmp_path, tiny_corpus, detec
     removal = metrics["removal_baseline_p_spoof"]
     assert removal["removal"] == "bonafide" and set(removal) == {"bonafide", "spoof", "bonafide_as_is", "removal"}
     assert "frame" in metrics["final_losses"]["train"]
+    assert 0.0 <= metrics["false_flag_rate_eval"] <= 1.0

@@ -12,6 +12,8 @@ Modules:
                    partially spoofed explanation set.
     report      -- :func:`run_stage3`: the method table, figures and ``metrics.json["stage3"]``
                    (notebook 03).
+    sanity      -- :func:`run_sanity`: model-parameter randomisation, counterfactual restoration,
+                   waveform-domain deletion/insertion.
     viewer      -- :class:`ImportanceViewer`, the ipywidgets viewer.
 """
 from xai_lib.explanation.evaluation import evaluate_methods, load_explanation_set, load_utterance_items

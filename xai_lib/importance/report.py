@@ -259,6 +259,7 @@ def stage2_report(
     _similarity_figure(sims_for_figure, sims_title, fig_dir / "stage2_similarity_distributions.png")
     if xai.calibration is not None:
         metrics.update(_calibrated_dev(xai.calibration, dev_w, partial_dev, detector.frame_hop_s))
+        metrics["false_flag_rate_eval"] = eval_false_flag_rate(xai, detector, cfg, max_utts=max_dev_utts)
     metrics["removal_baseline_p_spoof"] = removal_baseline(detector, xai, dev_utts, cfg)
     return metrics
 
@@ -287,6 +288,24 @@ def _calibrated_dev(
         "calibrated_dev": calibrated,
         "importance_frac_above_threshold": float(np.mean(flat_spoof > tau)) if flat_spoof.size else None,
     }
+
+
+def eval_false_flag_rate(xai: LoadedXAI, detector: nn.Module, cfg: Stage2Config, max_utts: int | None = 1000) -> float | None:
+    """Share of the bona fide eval utterances' frames above the stored threshold (calibrated on
+    dev): does the guarantee carry over to unseen recordings? ``None`` without bona fide eval data."""
+    from xai_lib.data.datasets import subsample_utterances
+    from xai_lib.importance.inference import importance_per_utterance
+
+    if not cfg.data.eval_protocol or xai.calibration is None:
+        return None
+    bona = subsample_utterances([u for u in build_split(cfg.data, "eval") if u.label == 1], max_utts)
+    if not bona:
+        return None
+    ds = EvalDataset(bona, sample_rate=cfg.data.sample_rate, crop_samples=cfg.data.eval_crop_samples,
+                     on_bad_audio=cfg.data.on_bad_audio, min_samples=detector.min_input_samples)
+    waves = [it["wave"] for it in (ds[i] for i in range(len(ds))) if it is not None]
+    w = np.concatenate(importance_per_utterance(xai, detector, waves, cfg.training.eval_batch_size))
+    return float(np.mean(w > float(xai.calibration["threshold"])))
 
 
 @torch.no_grad()
