@@ -294,3 +294,136 @@ def test_windowed_frontend_is_local_and_on_the_detector_frame_grid():
     assert both_mask.sum(1).tolist() == [74, 9]
     torch.testing.assert_close(both[1, :9], short_alone[0], atol=1e-6, rtol=0)
     torch.testing.assert_close(both[0], long_alone[0], atol=1e-6, rtol=0)
+
+
+def _group_norm_detector() -> Detector:
+    """The tiny detector with the demo's conv encoder normalisation (wav2vec 2.0 base style)."""
+    ssl = dict(tiny_model_dict()["ssl"], feat_extract_norm="group", do_stable_layer_norm=False)
+    return _tiny_detector(ssl=ssl)
+
+
+_VARIANTS = [
+    {"mode": "windows"},
+    {"mode": "encoder_windows"},  # group_norm="centred"
+    {"mode": "encoder_windows", "group_norm": "window"},
+    {"mode": "encoder_windows", "group_norm": "utterance"},
+]
+
+
+@pytest.mark.parametrize("norm", ["layer", "group"])
+@pytest.mark.parametrize("variant", _VARIANTS, ids=lambda v: "-".join(v.values()))
+@pytest.mark.parametrize("hop_fraction", [0.5, 0.75, 1.0])
+def test_every_windowed_variant_keeps_the_frame_grid_and_padding(norm, variant, hop_fraction):
+    model = _tiny_detector() if norm == "layer" else _group_norm_detector()
+    wave, lens = _waves([24000, 9000, 3000])  # 74, 28 and 9 frames: windows of 15 frames, and one shorter
+    kw = dict(variant, context_s=0.3, hop_fraction=hop_fraction)
+    with torch.no_grad():
+        full, mask = model.frontend(wave, lens)
+        local, lmask = model.windowed_frontend(wave, lens, **kw)
+        alone = [model.windowed_frontend(wave[i : i + 1, : int(n)], None, **kw)[0][0] for i, n in enumerate(lens)]
+        short = model.frontend(wave[2:, :3000])[0][0]
+    assert local.shape == full.shape and torch.equal(lmask, mask)
+    for i, n in enumerate(mask.sum(1).tolist()):
+        assert local[i, n:].abs().sum() == 0  # padding stays 0
+        assert local[i, :n].abs().sum(-1).min() > 0  # every valid frame has a feature
+        torch.testing.assert_close(local[i, :n], alone[i], atol=1e-5, rtol=0)  # the batch changes nothing
+    torch.testing.assert_close(local[2, :9], short, atol=1e-5, rtol=0)  # shorter than a window: frontend() alone
+
+
+@pytest.mark.parametrize("group_norm", ["window", "centred", "utterance"])
+@pytest.mark.parametrize("hop_fraction", [0.5, 0.75, 1.0])
+def test_encoder_windows_equal_windows_with_a_layer_normalised_conv_encoder(hop_fraction, group_norm):
+    """XLS-R's conv encoder (layer norm) is local to a frame's 400 samples, so running it once
+    per utterance and only the transformer per window gives the features of the windows (there
+    are no group-norm statistics to choose)."""
+    model = _tiny_detector()
+    wave, lens = _waves([24000, 13000, 5000])
+    with torch.no_grad():
+        windows, _ = model.windowed_frontend(wave, lens, context_s=0.3, hop_fraction=hop_fraction)
+        encoder, _ = model.windowed_frontend(wave, lens, context_s=0.3, mode="encoder_windows",
+                                             hop_fraction=hop_fraction, group_norm=group_norm)
+    torch.testing.assert_close(encoder, windows, atol=1e-5, rtol=0)
+
+
+def test_encoder_windows_with_window_statistics_approach_windows_with_group_norm():
+    """The demo's group-normalised conv encoder: local statistics bring "encoder_windows" close
+    to "windows", far closer than whole-utterance statistics (and closer than a 3/4 hop)."""
+    model = _group_norm_detector()
+    wave, lens = _waves([48000, 30000])
+    with torch.no_grad():
+        windows, mask = model.windowed_frontend(wave, lens)
+        gap = {gn: (model.windowed_frontend(wave, lens, mode="encoder_windows", group_norm=gn)[0] - windows)
+               .abs()[mask].mean().item() for gn in ("window", "centred", "utterance")}
+        wider_hop = (model.windowed_frontend(wave, lens, hop_fraction=0.75)[0] - windows).abs()[mask].mean().item()
+    scale = windows.abs()[mask].mean().item()
+    for local in ("centred", "window"):
+        assert gap[local] < 0.5 * gap["utterance"] and gap[local] < wider_hop, (gap, wider_hop)
+        assert gap[local] < 0.1 * scale
+
+
+def test_hop_fraction_one_takes_each_frame_from_the_window_that_contains_it():
+    model = _tiny_detector()
+    wave, _ = _waves([24000])  # 74 frames: windows start at 0, 15, 30, 45 and 59 (the last ends at frame 73)
+    hop, span = model.frame_hop_samples, model.min_input_samples
+    with torch.no_grad():
+        win = model.windowed_frontend(wave, None, context_s=0.3, hop_fraction=1.0)[0]
+        for frame, start in ((0, 0), (14, 0), (15, 15), (29, 15), (44, 30), (52, 45), (73, 59)):
+            window = model.frontend(wave[:, start * hop : start * hop + 14 * hop + span])[0]  # (1, 15, D)
+            torch.testing.assert_close(win[0, frame], window[0, frame - start], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("variant", _VARIANTS, ids=lambda v: "-".join(v.values()))
+def test_windowed_variants_are_local_except_with_utterance_group_norm(variant):
+    """Audio more than a window (and a window step) away leaves a frame's feature unchanged: in
+    every variant with a layer-normalised conv encoder, and with a group-normalised one except
+    under whole-utterance statistics (group_norm="utterance"), where far audio moves a frame's
+    feature through those statistics, and through them only."""
+    for norm, model in (("layer", _tiny_detector()), ("group", _group_norm_detector())):
+        wave, _ = _waves([24000])
+        changed = wave.clone()
+        changed[0, 16000:] = 0.5 * torch.randn(8000, generator=torch.Generator().manual_seed(1))  # frames >= 49
+        with torch.no_grad():
+            before = model.windowed_frontend(wave, None, context_s=0.3, **variant)[0]
+            after = model.windowed_frontend(changed, None, context_s=0.3, **variant)[0]
+        if norm == "group" and variant.get("group_norm") == "utterance":
+            assert not torch.allclose(after[0, 10], before[0, 10], atol=1e-4)
+            # ... through the conv hidden states alone: the transformer sees only the window's
+            # (frame 10 comes from the window of frames 0-14, centre 7.5)
+            with torch.no_grad():
+                hidden = model._conv_hidden_states(changed, torch.tensor([24000]))  # (1, 74, D)
+                window = model.ssl_model.encoder(hidden[:, :15].clone()).last_hidden_state
+            torch.testing.assert_close(after[0, 10], window[0, 10], atol=1e-5, rtol=0)
+        else:
+            torch.testing.assert_close(after[0, :30], before[0, :30], atol=1e-6, rtol=0)
+            assert not torch.allclose(after[0, 60], before[0, 60], atol=1e-4)  # near frames do change
+
+
+@pytest.mark.parametrize("group_norm", ["window", "centred", "utterance"])
+def test_encoder_windows_group_norm_ignores_the_padding(group_norm):
+    """The demo's group-normalised conv encoder: statistics over valid samples only, so an
+    utterance's conv hidden states are the same in a padded batch and alone."""
+    model = _group_norm_detector()
+    wave, lens = _waves([24000, 13000])
+    with torch.no_grad():
+        batch = model.windowed_frontend(wave, lens, mode="encoder_windows", group_norm=group_norm)[0]
+        alone = model.windowed_frontend(wave[1:, :13000], None, mode="encoder_windows", group_norm=group_norm)[0]
+        hidden = model._conv_hidden_states(wave, lens)
+        hidden_alone = model._conv_hidden_states(wave[1:, :13000], torch.tensor([13000]))
+        ssl = model.ssl_model
+        reference = ssl.feature_projection(ssl.feature_extractor(wave[1:, :13000]).transpose(1, 2))[0]
+    torch.testing.assert_close(batch[1, :40], alone[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(hidden[1, :40], hidden_alone[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(hidden_alone, reference, atol=1e-5, rtol=0)
+    assert hidden[1, 40:].abs().sum() == 0
+
+
+def test_windowed_frontend_rejects_unknown_modes_and_hops():
+    model = _tiny_detector()
+    wave, _ = _waves([8000])
+    with pytest.raises(ValueError, match="mode"):
+        model.windowed_frontend(wave, mode="frames")
+    with pytest.raises(ValueError, match="group_norm"):
+        model.windowed_frontend(wave, mode="encoder_windows", group_norm="batch")
+    for bad in (0.0, 1.5):
+        with pytest.raises(ValueError, match="hop_fraction"):
+            model.windowed_frontend(wave, hop_fraction=bad)

@@ -18,7 +18,10 @@ the same partially spoofed eval utterances, in this process:
 * cost, ``--repeats`` times: each repetition walks the same length-sorted batches as
   ``evaluate_methods`` and times, per batch, the detector forward pass (no grad; median of
   3 passes, a single pass being short and noisy) and every method's attribution (device
-  synchronised). ``ms_per_utt`` is a repetition's attribution
+  synchronised; a method whose first pass costs less than :data:`CHEAP_METHOD_FORWARDS`
+  forward passes -- the learned importance, saliency, attention rollout, random -- is timed
+  like the forward, as the median of 3 passes, so that both sides of its ratio are equally
+  robust to a load spike). ``ms_per_utt`` is a repetition's attribution
   time divided by the utterances; ``cost_vs_forward`` is that divided by the *same
   repetition's* forward time per utterance, so each ratio is computed within one
   repetition and machine-load drifts between repetitions do not enter it. Reported: the
@@ -51,9 +54,16 @@ the time recorded in the corpus's ``corpus.json`` is listed beside it), and deco
 throughput (utterances/s through ``TrainDataset`` and a ``DataLoader``, after one warm pass
 so the files are in the page cache), also with RawBoost algorithm 5 (the LA recipe).
 
-Goal check (printed, not asserted): learned importance cost <= 1.5 x one forward pass and
->= 50 x cheaper than Integrated Gradients; importance deletion AUC <= IG's; importance
+Goal check (printed, not asserted; :func:`check_goals`). Every speed goal is a **ratio** of two
+costs measured in the same repetition of this one run (machine load cancels): learned
+importance <= 1.0 x one detector forward pass (stretch: <= 0.7 x) and >= 50 x cheaper than
+Integrated Gradients; an explained verdict (verdict + importance) against the verdict alone is
+N/A while the package has no ``xai_lib.explain``. Quality goals: importance deletion AUC <= IG's,
 localisation AUC >= IG's.
+
+Absolute times (ms per utterance) are in ``results.json`` always, but ``results.md`` prints them
+only in its GPU section (a run with ``--device cuda``): on a shared CPU they say more about the
+other processes than about the code; the ratios are what the goals are about.
 """
 from __future__ import annotations
 
@@ -86,6 +96,7 @@ __all__ = [
     "COST_KEYS",
     "METHOD_KEYS",
     "REFERENCE_CROP_SAMPLES",
+    "CHEAP_METHOD_FORWARDS",
     "timing_stats",
     "machine_info",
     "measure_detector",
@@ -105,6 +116,9 @@ QUALITY_KEYS: tuple[str, ...] = ("deletion_auc", "insertion_auc", "loc_auc", "lo
 COST_KEYS: tuple[str, ...] = ("ms_per_utt", "cost_vs_forward")
 #: Every key of ``results.json["methods"][NAME]`` (the Stage-3 metrics).
 METHOD_KEYS: tuple[str, ...] = QUALITY_KEYS + COST_KEYS
+#: A method whose first pass on a batch costs less than this many forward passes is timed as
+#: the median of ``forward_passes`` passes, like the forward (IG and occlusion: one pass).
+CHEAP_METHOD_FORWARDS = 10.0
 #: The reference recipe's training crop (about 4.2 s at 16 kHz), also the RTF input length.
 REFERENCE_CROP_SAMPLES = 66800
 SAMPLE_RATE = 16000
@@ -541,7 +555,8 @@ def bench_methods(
         seed: seed of the ``random`` method.
         progress: tqdm bars.
         forward_passes: the reference forward of each batch is timed this many times per
-            repetition and the median is used (one pass is short and noisy).
+            repetition and the median is used (one pass is short and noisy); so is every
+            method cheaper than :data:`CHEAP_METHOD_FORWARDS` forward passes.
 
     Returns:
         ``({method: {QUALITY_KEYS..., "ms_per_utt": stats, "cost_vs_forward": stats,
@@ -577,12 +592,17 @@ def bench_methods(
         for k, rows in enumerate(batches):
             wave, lengths = pad_batch([waves[i] for i in rows])  # (B, L), (B,)
             wave, lengths = wave.to(device), lengths.to(device)
-            fwd_s += time_forward(detector, wave, lengths, forward_passes)
+            fwd = time_forward(detector, wave, lengths, forward_passes)
+            fwd_s += fwd
             for m in methods:
                 kw = dict(method_kwargs.get(m, {}))
                 if m == "random":
                     kw["seed"] = seed + k
-                secs[m] += attributor.attribute(wave, lengths, method=m, target=0, **kw).seconds
+                passes = [attributor.attribute(wave, lengths, method=m, target=0, **kw).seconds]
+                if passes[0] < CHEAP_METHOD_FORWARDS * fwd:
+                    passes += [attributor.attribute(wave, lengths, method=m, target=0, **kw).seconds
+                               for _ in range(forward_passes - 1)]
+                secs[m] += float(np.median(passes))
         f = 1000.0 * fwd_s / n
         fwd_ms.append(f)
         for m in methods:
@@ -618,22 +638,55 @@ def bench_methods(
 # ----------------------------------------------------------------------------- goals
 
 
+#: Speed goals: (key, goal text, threshold, higher is better). Each value is a ratio of two costs
+#: measured within the same repetitions of one bench run.
+SPEED_GOALS: tuple[tuple[str, str, float, bool], ...] = (
+    ("importance_vs_forward", "importance cost <= 1.0 x one forward pass", 1.0, False),
+    ("importance_vs_forward", "importance cost <= 0.7 x one forward pass (stretch)", 0.7, False),
+    ("ig_over_importance", "importance >= 50 x cheaper than Integrated Gradients", 50.0, True),
+)
+
+
+def _explain_available() -> bool:
+    """Whether this package (the one imported, not another checkout an editable install maps
+    names to) has ``xai_lib.explain``."""
+    import xai_lib
+
+    return any(Path(p, "explain.py").is_file() or Path(p, "explain", "__init__.py").is_file()
+               for p in xai_lib.__path__)
+
+
 def check_goals(methods: Mapping[str, Mapping[str, Any]], extra: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """The explanation-cost and quality goals, each ``{"goal", "value", "status": PASS|FAIL|N/A}``."""
+    """The explanation-cost and quality goals, each ``{"goal", "value", "status": PASS|FAIL|N/A, "detail", "kind"}``.
+
+    Speed goals (``kind`` ``"speed"``) are ratios measured in one run (median over the
+    repetitions of the per-repetition ratio); quality goals (``"quality"``) compare the learned
+    importance with Integrated Gradients on the same utterances.
+    """
     imp = methods.get("importance")
     ig = methods.get("integrated_gradients")
 
-    def goal(name: str, value: float | None, ok: bool | None, detail: str) -> dict[str, Any]:
+    def goal(name: str, value: float | None, ok: bool | None, detail: str, kind: str) -> dict[str, Any]:
         status = "N/A" if ok is None else ("PASS" if ok else "FAIL")
-        return {"goal": name, "value": value, "status": status, "detail": detail}
+        return {"goal": name, "value": value, "status": status, "detail": detail, "kind": kind}
 
+    ratios = {
+        "importance_vs_forward": (((imp or {}).get("cost_vs_forward") or {}).get("median"),
+                                  "median over repetitions of importance ms / forward ms", "no importance model"),
+        "ig_over_importance": ((extra.get("ig_over_importance") or {}).get("median"),
+                               "median over repetitions of IG ms / importance ms", "importance or IG missing"),
+    }
     out = []
-    cost = (imp or {}).get("cost_vs_forward", {}).get("median") if imp else None
-    out.append(goal("importance cost <= 1.5 x one forward pass", cost, None if cost is None else cost <= 1.5,
-                    "median over repetitions of importance ms / forward ms" if cost is not None else "no importance model"))
-    speed = (extra.get("ig_over_importance") or {}).get("median")
-    out.append(goal("importance >= 50 x cheaper than Integrated Gradients", speed, None if speed is None else speed >= 50,
-                    "median over repetitions of IG ms / importance ms" if speed is not None else "importance or IG missing"))
+    for key, name, threshold, higher in SPEED_GOALS:
+        value, detail, missing = ratios[key]
+        ok = None if value is None else (value >= threshold if higher else value <= threshold)
+        out.append(goal(name, value, ok, detail if value is not None else missing, "speed"))
+    out.append(goal(
+        "explained verdict (verdict + importance) vs verdict alone", None, None,
+        "ratio not measured: " + ("xai_lib.explain exists but this bench does not time it yet" if _explain_available()
+                                  else "the package has no xai_lib.explain"),
+        "speed",
+    ))
     for key, name, better in (
         ("deletion_auc", "importance deletion AUC <= IG's (lower is better)", lambda a, b: a <= b),
         ("loc_auc", "importance localisation AUC >= IG's", lambda a, b: a >= b),
@@ -641,7 +694,7 @@ def check_goals(methods: Mapping[str, Mapping[str, Any]], extra: Mapping[str, An
         a = (imp or {}).get(key)
         b = (ig or {}).get(key)
         ok = None if a is None or b is None else better(a, b)
-        out.append(goal(name, a, ok, f"importance {_f(a)} vs IG {_f(b)}"))
+        out.append(goal(name, a, ok, f"importance {_f(a)} vs IG {_f(b)}", "quality"))
     return out
 
 
@@ -671,7 +724,8 @@ def _stat(s: Mapping[str, Any] | None, digits: int = 3) -> str:
 
 
 def results_markdown(results: Mapping[str, Any]) -> str:
-    """The three tables (methods, detector, data) plus the goal check, as markdown."""
+    """The speed goals, the three tables (methods, detector, data), absolute times on a GPU and the
+    goal check, as markdown."""
     m = results["machine"]
     s = results["settings"]
     me = results["methods_setup"]
@@ -682,23 +736,44 @@ def results_markdown(results: Mapping[str, Any]) -> str:
         + f", torch {m['torch']}; load average {results['load']['start']} at start, {results['load']['end']} at end.",
         "Timings: median (min–max) over the repetitions; ratios are taken within each repetition.",
         "",
-        f"### Attribution methods ({me['num_utterances']} partially spoofed eval utterances, "
-        f"{me['audio_seconds']} s of audio, batches of {me['batch_size']}, {s['repeats']} repetitions; "
-        f"one detector forward: {_stat(me['forward_ms_per_utt'], 2)} ms/utt)",
+        "### Speed goals (ratios measured in this run)",
         "",
-        "| method | ms / utt | × forward pass | deletion AUC ↓ | insertion AUC ↑ | loc ROC-AUC ↑ | loc EER ↓ | pointing game ↑ |",
-        "|---|---|---|---|---|---|---|---|",
+    ]
+    for g in results["goals"]:
+        if g.get("kind", "speed") == "speed":
+            lines.append(f"- **{g['status']}** {g['goal']}: {_f(g['value'])} ({g['detail']})")
+    lines += [
+        "",
+        f"### Attribution methods ({me['num_utterances']} partially spoofed eval utterances, "
+        f"{me['audio_seconds']} s of audio, batches of {me['batch_size']}, {s['repeats']} repetitions)",
+        "",
+        "| method | × forward pass | deletion AUC ↓ | insertion AUC ↑ | loc ROC-AUC ↑ | loc EER ↓ | pointing game ↑ |",
+        "|---|---|---|---|---|---|---|",
     ]
     for name, r in results["methods"].items():
         lines.append(
-            f"| {name} | {_stat(r['ms_per_utt'], 2)} | {_stat(r['cost_vs_forward'], 2)} | {_f(r['deletion_auc'])} | "
+            f"| {name} | {_stat(r['cost_vs_forward'], 2)} | {_f(r['deletion_auc'])} | "
             f"{_f(r['insertion_auc'])} | {_f(r['loc_auc'])} | {_f(r['loc_eer'])} | {_f(r['pointing_game'])} |"
         )
     lines += [
         "",
         f"IG: {s['ig_steps']} steps; deletion/insertion: {me['deletion_steps']} steps, frames removed in the "
-        "detector's representation; random = the floor.",
+        "detector's representation; random = the floor. Cost: the method's time over one no-grad detector "
+        "forward pass of the same batches in the same repetition.",
         "",
+    ]
+    if str(m.get("device", "")).startswith("cuda"):
+        lines += [
+            f"### GPU: absolute times ({m.get('cuda_device') or m['device']})",
+            "",
+            f"One detector forward: {_stat(me['forward_ms_per_utt'], 2)} ms/utt.",
+            "",
+            "| method | ms / utt |",
+            "|---|---|",
+            *[f"| {name} | {_stat(r['ms_per_utt'], 2)} |" for name, r in results["methods"].items()],
+            "",
+        ]
+    lines += [
         "### Detector throughput",
         "",
         "| config | measurement | input | median (min–max) | unit | peak memory above baseline | note |",
@@ -731,7 +806,8 @@ def results_markdown(results: Mapping[str, Any]) -> str:
         lines.append(f"| {r['measurement']} | {r['input']} | {_stat(r['value'], 2)} | {r['unit']} | {r.get('note') or ''} |")
     lines += ["", "### Goal check", ""]
     for g in results["goals"]:
-        lines.append(f"- **{g['status']}** {g['goal']}: {_f(g['value'])} ({g['detail']})")
+        kind = "speed" if g.get("kind", "speed") == "speed" else "quality"
+        lines.append(f"- **{g['status']}** ({kind}) {g['goal']}: {_f(g['value'])} ({g['detail']})")
     if results.get("notes"):
         lines += ["", "Notes:", *[f"- {n}" for n in results["notes"]]]
     return "\n".join(lines) + "\n"

@@ -548,6 +548,91 @@ class DetectorOutput:
     attentions: tuple[Tensor, ...] | None = None
 
 
+@dataclass
+class _WindowPlan:
+    """Where :meth:`Detector.windowed_frontend` takes each frame from.
+
+    Attributes:
+        whole: utterances no longer than one window (processed whole).
+        win_utt, win_start: utterance and first frame of every window of the longer ones.
+        assignment: (utterance, frame, window, position in the window) of every frame of the
+            longer utterances, four (F,) long tensors.
+    """
+
+    whole: list[int]
+    win_utt: list[int]
+    win_start: list[int]
+    assignment: tuple[Tensor, Tensor, Tensor, Tensor]
+
+
+def _window_plan(n_frames: list[int], win_frames: int, step: int) -> _WindowPlan:
+    """Windows of ``win_frames`` frames every ``step`` frames (the last one ending at the last
+    frame) over utterances of ``n_frames`` frames; each frame goes to the window whose centre
+    is nearest (ties: the earlier window). Windows serving no frame are left out."""
+    whole, win_utt, win_start = [], [], []
+    parts: list[list[Tensor]] = [[], [], [], []]
+    for b, n in enumerate(n_frames):
+        if n <= win_frames:
+            whole.append(b)
+            continue
+        starts = list(range(0, n - win_frames + 1, step))
+        if starts[-1] != n - win_frames:
+            starts.append(n - win_frames)
+        start_t = torch.tensor(starts)
+        centres = start_t.float() + win_frames / 2.0
+        frames = torch.arange(n)
+        nearest = (frames[:, None].float() + 0.5 - centres[None, :]).abs().argmin(dim=1)  # (n,)
+        used, window = torch.unique(nearest, return_inverse=True)  # windows serving a frame, in order
+        parts[0].append(torch.full((n,), b, dtype=torch.long))
+        parts[1].append(frames)
+        parts[2].append(window + len(win_utt))
+        parts[3].append(frames - start_t[nearest])
+        win_utt += [b] * len(used)
+        win_start += start_t[used].tolist()
+    empty = torch.zeros(0, dtype=torch.long)
+    assignment = tuple(torch.cat(p) if p else empty for p in parts)
+    return _WindowPlan(whole, win_utt, win_start, assignment)  # type: ignore[arg-type]
+
+
+def _local_group_norm(
+    x: Tensor, norm: nn.GroupNorm, starts: Tensor, frames: int, n_frames: list[int], block: int
+) -> None:
+    """Per-channel GroupNorm of the first conv layer's output ``x`` (B, C, L0), in place, with
+    statistics over a window of ``frames`` frames per frame instead of the whole input.
+
+    Frame ``t`` owns the ``block`` outputs ``[t * block, (t + 1) * block)`` (its 20 ms); they are
+    normalised with the mean and variance of the outputs owned by frames ``starts[b, t] ...
+    starts[b, t] + frames - 1``. Outputs past the last valid frame's block (the tail of its
+    receptive field, and padding) take the last valid frame's statistics. Rows of utterances
+    not longer than ``frames`` are left for the caller.
+    """
+    B, C, L0 = x.shape
+    T = max(n_frames)
+    blocks = x[:, :, : T * block].reshape(B, C, T, block)  # a view
+    s1 = blocks.sum(dim=-1).double()  # (B, C, T) block sums (one pass each, no copy of x)
+    s2 = torch.linalg.vector_norm(blocks, dim=-1).double().square()
+    zero = s1.new_zeros(B, C, 1)
+    c1, c2 = torch.cat([zero, s1.cumsum(-1)], -1), torch.cat([zero, s2.cumsum(-1)], -1)  # (B, C, T + 1)
+    n = torch.tensor(n_frames, device=x.device)
+    last = (n - 1).clamp_min(0)[:, None]  # (B, 1)
+    t = torch.minimum(torch.arange(T, device=x.device)[None, :], last)  # frames past the end: the last one's
+    lo = starts.to(x.device).gather(1, t).clamp(min=0)  # (B, T)
+    lo = torch.minimum(lo, (n[:, None] - frames).clamp_min(0))
+    hi = torch.minimum(lo + frames, n[:, None])
+    lo_i, hi_i = lo[:, None, :].expand(B, C, T), hi[:, None, :].expand(B, C, T)
+    count = ((hi - lo) * block).to(torch.float64)[:, None, :]  # (B, 1, T)
+    mean = (c1.gather(2, hi_i) - c1.gather(2, lo_i)) / count
+    var = ((c2.gather(2, hi_i) - c2.gather(2, lo_i)) / count - mean * mean).clamp_min(0.0)
+    scale = torch.rsqrt(var + norm.eps)
+    if norm.affine:
+        scale = scale * norm.weight.double()[None, :, None]
+    shift = -mean * scale + (norm.bias.double()[None, :, None] if norm.affine else 0.0)
+    scale, shift = scale.to(x.dtype), shift.to(x.dtype)  # (B, C, T)
+    blocks.mul_(scale[..., None]).add_(shift[..., None])
+    if L0 > T * block:
+        x[:, :, T * block :].mul_(scale[:, :, -1:]).add_(shift[:, :, -1:])
+
+
 # ----------------------------------------------------------------------------- models
 
 
@@ -722,25 +807,71 @@ class Detector(DetectorBackEnd):
             hop *= int(stride)
         return hop
 
+    #: ``windowed_frontend`` modes: the whole front end per window (the original), or the
+    #: convolutional feature encoder once per utterance and the transformer encoder per window.
+    WINDOW_MODES = ("windows", "encoder_windows")
+    #: where ``encoder_windows`` takes a group-normalised first conv layer's statistics from
+    GROUP_NORM_STATISTICS = ("centred", "window", "utterance")
+
     def windowed_frontend(
-        self, wave: Tensor, lengths: Tensor | None = None, context_s: float = 0.3, max_windows: int = 256
+        self,
+        wave: Tensor,
+        lengths: Tensor | None = None,
+        context_s: float = 0.3,
+        max_windows: int = 256,
+        mode: str = "windows",
+        hop_fraction: float = 0.5,
+        group_norm: str = "centred",
     ) -> tuple[Tensor, Tensor]:
         """SSL features computed with a limited audio context per frame.
 
         :meth:`frontend` lets every frame see the whole utterance (the transformer attends
         globally, and a group-normalised first conv layer normalises over the whole input), so
-        a short spoofed span colours the features of every frame. Here the whole front end
-        runs on overlapping windows of ``context_s`` seconds of audio, half a window apart,
-        laid on the detector's own frame grid, and every frame takes its feature from the
-        window whose centre is nearest: the same frames, the same frozen weights, a local
-        context, at about twice the front end's cost. Utterances no longer than one window
-        are processed whole (exactly :meth:`frontend` on that utterance).
+        a short spoofed span colours the features of every frame. Here the front end runs on
+        windows of ``context_s`` seconds of audio, ``hop_fraction`` of a window apart, laid on
+        the detector's own frame grid, and every frame takes its feature from the window whose
+        centre is nearest (with ``hop_fraction=1``: the window that contains it): the same
+        frames, the same frozen weights, a local context.
+
+        ``mode="windows"`` (the original): the whole front end (conv feature encoder and
+        transformer) runs on each window of audio, at about ``1 / hop_fraction`` times the
+        front end's cost. Every feature depends only on its window's audio. Utterances no longer
+        than one window are processed whole (exactly :meth:`frontend` on that utterance).
+
+        ``mode="encoder_windows"``: the convolutional feature encoder and the feature projection
+        run once on each whole utterance, and only the transformer encoder (its positional conv
+        included) runs on windows of those hidden states. The conv encoder's receptive field is
+        one frame's 400 samples, so with a layer-normalised conv encoder (XLS-R,
+        ``feat_extract_norm: layer``) the features equal ``"windows"`` ones (up to float
+        rounding) at a fraction of the cost. A group-normalised one (wav2vec 2.0 base, the demo)
+        normalises its first conv layer per channel over its whole input; ``group_norm`` says
+        over what the statistics are taken here:
+
+        * ``"centred"`` (default): the outputs under each frame (its 20 ms) are normalised
+          with their statistics over ``context_s`` centred on the frame (the window shifted
+          inside the utterance at its ends). Close to, not equal to, ``"windows"`` features; a
+          frame depends on audio up to half a window beyond its transformer window.
+        * ``"window"``: with the statistics of the window the frame takes its feature from,
+          as ``"windows"`` does for that frame (the window's other frames use their own
+          windows' statistics); numerically closer to ``"windows"``, but it localised worse
+          on the demo.
+        * ``"utterance"``: over the utterance's valid samples, as :meth:`frontend` on the
+          utterance alone: far audio then moves every frame's feature through these
+          statistics (not local).
+
+        Utterances no longer than one window equal :meth:`frontend` on that utterance, and the
+        statistics never see padding, so a padded batch gives each utterance's features alone.
 
         Args:
             wave: (B, L) float waveform at 16 kHz, right-padded.
             lengths: (B,) valid samples; ``None`` = all L.
             context_s: window length in seconds (at least one frame).
             max_windows: windows per front-end call (bounds memory).
+            mode: ``"windows"`` or ``"encoder_windows"`` (above).
+            hop_fraction: window step as a fraction of the window, in (0, 1]; 0.5 = half a
+                window (the original), 1 = windows side by side without overlap.
+            group_norm: ``"window"``, ``"centred"`` or ``"utterance"``: the statistics of a
+                group-normalised first conv layer in mode ``"encoder_windows"`` (above).
 
         Returns:
             ssl_features: (B, T, D_ssl) with T as :meth:`frontend` gives it, padded frames 0.
@@ -748,6 +879,12 @@ class Detector(DetectorBackEnd):
         """
         if wave.dim() != 2:
             raise ValueError(f"wave must be (B, L) samples, got shape {tuple(wave.shape)}")
+        if mode not in self.WINDOW_MODES:
+            raise ValueError(f"mode must be one of {self.WINDOW_MODES}, got {mode!r}")
+        if not 0.0 < hop_fraction <= 1.0:
+            raise ValueError(f"hop_fraction must be in (0, 1], got {hop_fraction}")
+        if group_norm not in self.GROUP_NORM_STATISTICS:
+            raise ValueError(f"group_norm must be one of {self.GROUP_NORM_STATISTICS}, got {group_norm!r}")
         B, L = wave.shape
         lengths = (torch.full((B,), L, dtype=torch.long, device=wave.device) if lengths is None
                    else torch.as_tensor(lengths, dtype=torch.long, device=wave.device))
@@ -757,33 +894,108 @@ class Detector(DetectorBackEnd):
             raise ValueError(f"audio too short: {int(lengths.min())} samples, the SSL front end needs at least {span}")
         T = max(n_frames)
         win_frames = max(1, int(round(context_s / self.frame_hop_s)))
-        win_samples = (win_frames - 1) * hop + span
-        step = max(1, win_frames // 2)
+        step = max(1, int(win_frames * hop_fraction))  # 0.5: win_frames // 2, as always
+        plan = _window_plan(n_frames, win_frames, step)
         param = next(self.ssl_model.parameters())
         out = torch.zeros(B, T, int(self.ssl_model.config.hidden_size), dtype=param.dtype, device=wave.device)
-        segments: list[Tensor] = []
-        targets: list[tuple[int, Tensor, Tensor]] = []  # (utterance, global frames, frames in the window)
-        for b, n in enumerate(n_frames):
-            if n <= win_frames:  # one window: the whole utterance, as frontend() sees it
-                out[b, :n] = self.frontend(wave[b : b + 1, : int(lengths[b])])[0][0, :n]
-                continue
-            starts = list(range(0, n - win_frames + 1, step))
-            if starts[-1] != n - win_frames:
-                starts.append(n - win_frames)
-            centres = torch.tensor(starts, dtype=torch.float32) + win_frames / 2.0
-            frames = torch.arange(n)
-            nearest = (frames[:, None].float() + 0.5 - centres[None, :]).abs().argmin(dim=1)  # (n,)
-            for k, s0 in enumerate(starts):
-                mine = frames[nearest == k]
-                if len(mine):
-                    segments.append(wave[b, s0 * hop : s0 * hop + win_samples])
-                    targets.append((b, mine.to(out.device), (mine - s0).to(out.device)))
-        for i in range(0, len(segments), max_windows):
-            feats, _ = self.frontend(torch.stack(segments[i : i + max_windows]))  # (N, win_frames, D)
-            for j, (b, glob, loc) in enumerate(targets[i : i + max_windows]):
-                out[b, glob] = feats[j, loc]
         frame_mask = torch.arange(T, device=wave.device)[None, :] < torch.tensor(n_frames, device=wave.device)[:, None]
+        dev = wave.device
+        if mode == "windows":
+            for b in plan.whole:  # one window: the whole utterance, as frontend() sees it
+                n = n_frames[b]
+                out[b, :n] = self.frontend(wave[b : b + 1, : int(lengths[b])])[0][0, :n]
+            if not plan.win_utt:
+                return out, frame_mask
+            win_samples = (win_frames - 1) * hop + span
+            segments = [wave[b, s0 * hop : s0 * hop + win_samples] for b, s0 in zip(plan.win_utt, plan.win_start)]
+            feats = torch.cat([self.frontend(torch.stack(segments[i : i + max_windows]))[0]  # (n, win_frames, D)
+                               for i in range(0, len(segments), max_windows)])
+        else:
+            if group_norm == "utterance":
+                starts_bt = None
+            elif group_norm == "window":  # each frame: the statistics of the window it takes its feature from
+                starts_bt = torch.zeros(B, T, dtype=torch.long)
+                f_utt, f_time, f_win, _ = plan.assignment
+                starts_bt[f_utt, f_time] = torch.tensor(plan.win_start, dtype=torch.long)[f_win]
+            else:  # "centred": a window centred on each frame
+                starts_bt = (torch.arange(T) - (win_frames - 1) // 2).expand(B, T)
+            hidden = self._conv_hidden_states(wave, lengths, starts_bt, win_frames)  # (B, T', D), padded frames 0
+            hidden = hidden[:, :T]  # the batch may be padded beyond its longest utterance
+            starts = plan.win_start + [0] * len(plan.whole)
+            utts = plan.win_utt + list(plan.whole)
+            sizes = [win_frames] * len(plan.win_utt) + [n_frames[b] for b in plan.whole]
+            width = max(sizes)
+            idx = torch.tensor(starts, device=dev)[:, None] + torch.arange(width, device=dev)  # (N, W)
+            size = torch.tensor(sizes, device=dev)
+            valid = torch.arange(width, device=dev)[None, :] < size[:, None]  # (N, W)
+            idx = torch.where(valid, idx, torch.zeros_like(idx))
+            utt = torch.tensor(utts, device=dev)
+            feats = []
+            for i in range(0, len(utts), max_windows):
+                windows = hidden[utt[i : i + max_windows, None], idx[i : i + max_windows]]  # (n, W, D)
+                mask = valid[i : i + max_windows]
+                windows = windows * mask[..., None].to(windows.dtype)
+                mask = None if bool(mask.all()) else mask
+                feats.append(self.ssl_model.encoder(windows, attention_mask=mask).last_hidden_state)
+            feats = torch.cat(feats)  # (N, W, D)
+        f_utt, f_time, f_win, f_loc = (x.to(dev) for x in plan.assignment)
+        if mode == "encoder_windows":  # the whole-utterance windows follow the planned ones
+            for j, b in enumerate(plan.whole):
+                n = n_frames[b]
+                out[b, :n] = feats[len(plan.win_utt) + j, :n].to(out.dtype)
+        out[f_utt, f_time] = feats[f_win, f_loc].to(out.dtype)
         return out, frame_mask
+
+    def _conv_hidden_states(
+        self, wave: Tensor, lengths: Tensor, norm_starts: Tensor | None = None, norm_frames: int = 0
+    ) -> Tensor:
+        """The transformer encoder's input: conv feature encoder + feature projection, per utterance.
+
+        A group-normalised first conv layer takes its per-channel statistics over each
+        utterance's valid samples (what :class:`transformers.Wav2Vec2Model` computes for the
+        utterance alone: padding changes nothing), or, with ``norm_starts``, over a window of
+        ``norm_frames`` frames per frame: the layer's outputs under frame ``t`` (its 20 ms
+        block) are normalised with the statistics of the outputs under frames
+        ``norm_starts[b, t] ... norm_starts[b, t] + norm_frames - 1``. Utterances no longer
+        than ``norm_frames`` frames keep their whole-utterance statistics. A layer-normalised
+        conv encoder (XLS-R) has no such statistics: every frame is local anyway.
+
+        Args:
+            wave: (B, L) waveform, right-padded; lengths: (B,) valid samples.
+            norm_starts: (B, T) long first frame of each frame's statistics window, or ``None``.
+            norm_frames: the statistics window in frames (with ``norm_starts``).
+
+        Returns:
+            (B, T', D_ssl) hidden states, T' = the conv encoder's frames of L, padded frames 0.
+        """
+        ssl = self.ssl_model
+        if getattr(ssl, "adapter", None) is not None:
+            raise ValueError("encoder_windows does not support a Wav2Vec2 adapter (it changes the frame rate)")
+        wave = wave.to(dtype=next(ssl.parameters()).dtype)
+        layers = ssl.feature_extractor.conv_layers
+        norm = getattr(layers[0], "layer_norm", None)
+        B, L = wave.shape
+        local = norm_starts is not None and norm_frames > 0
+        if isinstance(norm, nn.GroupNorm) and (local or not bool((lengths == L).all())):
+            conv = layers[0].conv
+            x = conv(wave[:, None])  # (B, C, L0)
+            n0 = (torch.div(lengths - conv.kernel_size[0], conv.stride[0], rounding_mode="floor") + 1).tolist()
+            n_frames = self.num_frames(lengths).tolist()
+            # each utterance's valid samples alone (the padding is left as it is)
+            whole = {b: norm(x[b : b + 1, :, : n0[b]]) for b in range(B) if not local or n_frames[b] <= norm_frames}
+            if len(whole) < B:
+                _local_group_norm(x, norm, norm_starts, norm_frames, n_frames, self.frame_hop_samples // conv.stride[0])
+            for b, y in whole.items():
+                x[b : b + 1, :, : n0[b]] = y
+            x = layers[0].activation(x)
+            for layer in layers[1:]:
+                x = layer(x)
+        else:
+            x = ssl.feature_extractor(wave)  # (B, C, T)
+        hidden, _ = ssl.feature_projection(x.transpose(1, 2))  # (B, T, D)
+        T = hidden.shape[1]
+        frame_mask = torch.arange(T, device=hidden.device)[None, :] < self.num_frames(lengths).to(hidden.device)[:, None]
+        return hidden * frame_mask[..., None].to(hidden.dtype)
 
     def forward(self, wave: Tensor, lengths: Tensor | None = None, output_attentions: bool = False) -> DetectorOutput:
         """Score a batch of waveforms.
