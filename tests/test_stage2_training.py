@@ -441,3 +441,14 @@ def test_calibrated_module_with_the_neutral_removal(tmp_path, tiny_corpus, detec
     assert removal["removal"] == "bonafide" and set(removal) == {"bonafide", "spoof", "bonafide_as_is", "removal"}
     assert "frame" in metrics["final_losses"]["train"]
     assert 0.0 <= metrics["false_flag_rate_eval"] <= 1.0
+
+
+def test_encoder_windows_context_mode_trains_and_explains_with_the_same_features(tmp_path, tiny_corpus, detector_file):
+    cfg = _cfg(tiny_corpus, "xai.context_s=0.1", "xai.context_mode=encoder_windows", "training.num_epochs=1")
+    result = train_stage2(cfg, _run_dir(tmp_path, detector_file), progress=False)
+    detector = load_detector(detector_file).eval()
+    xai = load_xai(result.checkpoint, detector=detector)
+    assert xai.config.context_mode == "encoder_windows"
+    wave = torch.randn(2, CROP) * 0.1
+    h, mask = detector.windowed_frontend(wave, None, 0.1, mode="encoder_windows")
+    torch.testing.assert_close(xai.frame_importance(detector, wave), xai.module(h, mask).importance)

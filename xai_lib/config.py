@@ -260,6 +260,10 @@ class XAIConfig:
     # frame grid, each frame from the window centred nearest to it (local evidence stays local).
     # The fidelity term and Stage-3 deletion/insertion always use the detector's own full-context features.
     context_s: float | None = None
+    # how the windows are computed: "windows" (the whole front end per window) or "encoder_windows"
+    # (the conv feature encoder once per utterance, only the transformer per window; same features
+    # with layer norm (XLS-R), centred 0.3 s statistics with group norm; about half the cost)
+    context_mode: str = "windows"
     prototype_mode: str = "ema"  # "ema" | "fixed" | "learnable"
     ema_momentum: float = 0.99
     importance_arch: str = "mlp"  # "mlp" (per frame) | "conv" (temporal 1-D conv variant)
@@ -293,6 +297,8 @@ class XAIConfig:
             raise ConfigError(
                 f"xai.context_s must be null (whole utterance) or >= 0.03 seconds (one SSL frame), got {self.context_s}"
             )
+        if self.context_mode not in ("windows", "encoder_windows"):
+            raise ConfigError(f"xai.context_mode must be 'windows' or 'encoder_windows', got {self.context_mode!r}")
         if self.prototype_mode not in ("ema", "fixed", "learnable"):
             raise ConfigError(
                 f"xai.prototype_mode must be one of 'ema', 'fixed', 'learnable', got {self.prototype_mode!r}"

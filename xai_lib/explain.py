@@ -472,7 +472,7 @@ class Explainer:
             h = ssl if xai.representation == "ssl" else out.frame_tokens
         else:
             h, _, mask = extract_representation(det, x, None, xai.representation, context_s=xai.config.context_s,
-                                                full_features=False)
+                                                full_features=False, context_mode=xai.config.context_mode)
         param = next(xai.module.parameters())
         return xai.module(h.to(param.dtype), mask).importance[0], float(out.logits[0, 1])
 

@@ -79,6 +79,7 @@ def extract_representation(
     kind: str,
     context_s: float | None = None,
     full_features: bool = True,
+    context_mode: str = "windows",
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Frame representation ``h`` of a waveform batch by the frozen detector (no gradient).
 
@@ -108,7 +109,7 @@ def extract_representation(
         ssl_features, frame_mask = detector.frontend(wave, lengths)  # (B, T, D_ssl), (B, T)
         local = ssl_features
     else:
-        local, frame_mask = detector.windowed_frontend(wave, lengths, context_s)
+        local, frame_mask = detector.windowed_frontend(wave, lengths, context_s, mode=context_mode)
         ssl_features = detector.frontend(wave, lengths)[0] if full_features else local
     if kind == "ssl":
         return local, ssl_features, frame_mask
@@ -191,7 +192,8 @@ class LoadedXAI:
             :class:`~xai_lib.importance.module.XAIOutput` with ``T`` = the detector's frame count.
         """
         h, _, frame_mask = extract_representation(detector, wave, lengths, self.representation,
-                                                  context_s=self.config.context_s, full_features=False)
+                                                  context_s=self.config.context_s, full_features=False,
+                                                  context_mode=self.config.context_mode)
         if h.shape[-1] != self.in_dim:
             self.check_detector(detector)  # raises the explanatory error
         self.module.eval()

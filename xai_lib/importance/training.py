@@ -251,7 +251,8 @@ class Stage2Result:
 
 
 def _forward_detector(
-    detector: nn.Module, wave: Tensor, lengths: Tensor, kind: str, context_s: float | None = None
+    detector: nn.Module, wave: Tensor, lengths: Tensor, kind: str, context_s: float | None = None,
+    context_mode: str = "windows",
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Representation, back-end input, frame mask and the full-input spoof probability.
 
@@ -264,7 +265,8 @@ def _forward_detector(
         if context_s is None:
             h = ssl if kind == "ssl" else out.frame_tokens  # (B, T, D)
         else:
-            h = extract_representation(detector, wave, lengths, kind, context_s, full_features=False)[0]
+            h = extract_representation(detector, wave, lengths, kind, context_s, full_features=False,
+                                       context_mode=context_mode)[0]
         p_full = F.softmax(out.logits.float(), dim=-1)[:, SPOOF_INDEX]  # (B,)
     return h, ssl, mask, p_full
 
@@ -288,7 +290,8 @@ def _batch_loss(
     wave = batch["wave"].to(device)
     lengths = batch["lengths"].to(device)
     labels = batch["labels"].to(device)
-    h, ssl, mask, p_full = _forward_detector(detector, wave, lengths, cfg.xai.representation, cfg.xai.context_s)
+    h, ssl, mask, p_full = _forward_detector(detector, wave, lengths, cfg.xai.representation, cfg.xai.context_s,
+                                             cfg.xai.context_mode)
     frame_labels = None
     if "spoof_spans" in batch:
         frame_labels = span_frame_labels(batch["spoof_spans"].to(device), mask.shape[1], detector.frame_hop_samples)
@@ -349,14 +352,15 @@ def evaluate_xai(
 
 
 def _representation_batches(
-    detector: nn.Module, loader: DataLoader, kind: str, device: torch.device, context_s: float | None = None
+    detector: nn.Module, loader: DataLoader, kind: str, device: torch.device, context_s: float | None = None,
+    context_mode: str = "windows",
 ) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
     """``(h (B, T, D), frame_mask (B, T), labels (B,))`` for :func:`class_means`."""
     for batch in loader:
         if len(batch["labels"]) == 0:
             continue
         h, _, mask = extract_representation(detector, batch["wave"].to(device), batch["lengths"].to(device), kind,
-                                            context_s, full_features=False)
+                                            context_s, full_features=False, context_mode=context_mode)
         yield h, mask, batch["labels"].to(device)
 
 
@@ -374,7 +378,8 @@ def _training_class_means(
                      on_bad_audio=cfg.data.on_bad_audio)
     loader = DataLoader(ds, batch_size=cfg.training.eval_batch_size, shuffle=False, collate_fn=collate_padded,
                         num_workers=cfg.data.num_workers)
-    batches = _representation_batches(detector, loader, cfg.xai.representation, ctx.device, cfg.xai.context_s)
+    batches = _representation_batches(detector, loader, cfg.xai.representation, ctx.device, cfg.xai.context_s,
+                                      cfg.xai.context_mode)
     return class_means(batches, progress=progress and ctx.is_main)
 
 
