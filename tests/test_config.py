@@ -53,6 +53,11 @@ def test_wrong_type_names_key(tmp_path):
     "override,schema,match",
     [
         ("training.lr=-0.1", Stage1Config, "training.lr"),
+        ("training.lr_schedule=linear", Stage1Config, "training.lr_schedule"),
+        ("training.warmup_epochs=-1", Stage1Config, "training.warmup_epochs"),
+        ("training.min_lr_ratio=2", Stage1Config, "training.min_lr_ratio"),
+        ("training.dev_last_epochs=0", Stage1Config, "training.dev_last_epochs"),
+        ("training.decay_epochs=0", Stage1Config, "training.decay_epochs"),
         ("xai.temperature=0", Stage2Config, "xai.temperature"),
         ("xai.prototype_mode=median", Stage2Config, "prototype_mode"),
         ("model.emb_size=145", Stage1Config, "emb_size"),

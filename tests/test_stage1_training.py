@@ -3,6 +3,7 @@ early stopping, the evaluation report. Tiny detector, tiny synthetic corpus, sec
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -281,3 +282,86 @@ def test_early_stopping_and_best_checkpoints_units(tmp_path):
     reopened.drop_after(4)  # epoch 5 was saved by an epoch that a resumed run redoes
     assert [e["epoch"] for e in reopened.entries] == [2]
     assert not (tmp_path / "epoch_005.pth").exists()
+
+
+# ----------------------------------------------------------------------------- learning-rate schedule
+
+
+def test_lr_schedule_curves():
+    lr, total = 1e-3, 20
+    assert [stage1.scheduled_lr(i, total, lr) for i in range(total)] == [lr] * total  # the default
+    # cosine: linear warm-up over 4 steps, half a cosine down to lr * min_lr_ratio at the last step
+    cos = [stage1.scheduled_lr(i, total, lr, "cosine", warmup_steps=4, min_lr_ratio=0.1) for i in range(total)]
+    assert cos[:4] == pytest.approx([lr / 4, lr / 2, 3 * lr / 4, lr])
+    assert cos[4] == pytest.approx(lr) and cos[-1] == pytest.approx(0.1 * lr)
+    assert all(a > b for a, b in zip(cos[4:], cos[5:]))  # decreasing after the warm-up
+    assert stage1.scheduled_lr(total + 5, total, lr, "cosine", 4, 0.1) == pytest.approx(0.1 * lr)  # past the end
+    # cosine with decay_steps: warm-up, lr held, then the decay over the last 5 steps only
+    held = [stage1.scheduled_lr(i, total, lr, "cosine", 2, 0.0, decay_steps=5) for i in range(total)]
+    assert held[:16] == pytest.approx([lr / 2] + [lr] * 15)
+    assert held[16:] == pytest.approx([lr * (1 + math.cos(math.pi * k / 4)) / 2 for k in range(1, 5)])
+    # onecycle: torch's OneCycleLR curve (cosine, no momentum cycling)
+    param = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.AdamW([param], lr=lr)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=total, pct_start=0.25,
+                                                cycle_momentum=False, final_div_factor=1 / (25 * 0.01))
+    expected = []
+    for _ in range(total):
+        expected.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    one = [stage1.scheduled_lr(i, total, lr, "onecycle", warmup_steps=0.25 * total, min_lr_ratio=0.01)
+           for i in range(total)]
+    assert one == pytest.approx(expected, rel=1e-9)
+
+
+def lrs_of_steps(monkeypatch) -> list[float]:
+    """Records the learning rate of every AdamW step."""
+    seen: list[float] = []
+    original = torch.optim.AdamW.step
+
+    def spy(self, *args, **kwargs):
+        seen.append(self.param_groups[0]["lr"])
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", spy)
+    return seen
+
+
+def test_training_follows_the_schedule_and_a_resumed_run_continues_it(tiny_corpus, tmp_path, monkeypatch):
+    lrs = lrs_of_steps(monkeypatch)
+    train_stage1(make_cfg(tiny_corpus, num_epochs=2), tmp_path / "constant", progress=False)
+    assert lrs == [3e-3] * 6  # constant (the default): unchanged
+
+    sched = {"num_epochs": 3, "lr_schedule": "cosine", "warmup_epochs": 1, "min_lr_ratio": 0.0}
+    expected = [stage1.scheduled_lr(i, 9, 3e-3, "cosine", 3, 0.0) for i in range(9)]  # 3 steps per epoch
+    lrs.clear()
+    straight = train_stage1(make_cfg(tiny_corpus, **sched), tmp_path / "straight", progress=False)
+    assert lrs == pytest.approx(expected) and lrs[2] == pytest.approx(3e-3) and lrs[-1] == 0.0
+
+    original = TrainDataset.set_epoch
+
+    def interrupt_at_third_epoch(self, epoch):
+        if epoch == 2:
+            raise KeyboardInterrupt
+        return original(self, epoch)
+
+    lrs.clear()
+    monkeypatch.setattr(TrainDataset, "set_epoch", interrupt_at_third_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        train_stage1(make_cfg(tiny_corpus, **sched), tmp_path / "resumed", progress=False)
+    monkeypatch.setattr(TrainDataset, "set_epoch", original)
+    resumed = train_stage1(make_cfg(tiny_corpus, **sched), tmp_path / "resumed", resume=True, progress=False)
+    assert lrs == pytest.approx(expected)  # the resumed epoch continues the curve
+    assert resumed.history["train_loss"] == pytest.approx(straight.history["train_loss"], abs=1e-6)
+
+
+def test_dev_scored_only_over_the_last_epochs(tiny_corpus, tmp_path):
+    assert [e for e in range(1, 11) if stage1._dev_scored(e, 10, last_epochs=3)] == [8, 9, 10]
+    assert [e for e in range(1, 6) if stage1._dev_scored(e, 5)] == [1, 2, 3, 4, 5]  # the default
+    assert [e for e in range(1, 3) if stage1._dev_scored(e, 2, last_epochs=5)] == [1, 2]
+    cfg = make_cfg(tiny_corpus, num_epochs=4, dev_last_epochs=2, keep_best=3)
+    result = train_stage1(cfg, tmp_path / "run", progress=False)
+    dev = result.history["dev_loss"]
+    assert [e + 1 for e, v in enumerate(dev) if v == v] == [3, 4]  # NaN: not scored
+    assert sorted(result.best_epochs) == [3, 4]  # only scored epochs are averaged

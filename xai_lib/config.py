@@ -204,6 +204,10 @@ class DataConfig:
                 raise ConfigError(f"data.{split}_audio_dir must be null (discover the folder) or a folder path, got {value!r}")
 
 
+#: ``training.lr_schedule`` values (see :func:`xai_lib.detector.training.scheduled_lr`).
+LR_SCHEDULES = ("constant", "cosine", "onecycle")
+
+
 @dataclass
 class Stage1TrainingConfig:
     """Stage-1 optimisation (the reference recipe: Adam lr 1e-6, wd 1e-4, weighted CE)."""
@@ -223,6 +227,19 @@ class Stage1TrainingConfig:
     device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N"
     bf16: bool = False  # autocast to bfloat16 on CUDA
     num_threads: int | None = None  # torch CPU threads (None: torch default)
+    # learning rate over the run's num_epochs x steps-per-epoch optimiser steps, set every step from
+    # the step count (so a resumed run continues the curve): "constant" (lr throughout, after the
+    # warm-up if any), "cosine" (linear warm-up from 0 to lr, lr until the last decay_epochs, then
+    # half a cosine down to lr * min_lr_ratio at the last step), "onecycle" (torch's OneCycleLR curve
+    # without momentum cycling: half a cosine up from lr / 25 to lr over the warm-up, then down to
+    # lr * min_lr_ratio)
+    lr_schedule: str = "constant"
+    warmup_epochs: float = 0.0  # epochs (fractions allowed) of the warm-up
+    decay_epochs: float | None = None  # cosine: epochs of the decay at the end (null: all after the warm-up)
+    min_lr_ratio: float = 0.0  # cosine/onecycle: the final lr as a fraction of lr
+    # score the dev set (dev loss/EER, early stopping, N-best candidates) only after the last N epochs
+    # (e.g. those of a final decay); null = after every epoch
+    dev_last_epochs: int | None = None
 
     def __post_init__(self) -> None:
         _check_positive("training.batch_size", self.batch_size)
@@ -241,6 +258,14 @@ class Stage1TrainingConfig:
         _check_optional_positive("training.max_steps_per_epoch", self.max_steps_per_epoch)
         _check_optional_positive("training.num_threads", self.num_threads)
         _check_device("training.device", self.device)
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ConfigError(f"training.lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
+        if not self.warmup_epochs >= 0:  # longer than the run: the run ends inside the warm-up
+            raise ConfigError(f"training.warmup_epochs must be >= 0, got {self.warmup_epochs!r}")
+        _check_optional_positive("training.decay_epochs", self.decay_epochs)
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError("training.min_lr_ratio must be in [0, 1]")
+        _check_optional_positive("training.dev_last_epochs", self.dev_last_epochs)
 
 
 @dataclass

@@ -1,7 +1,8 @@
 """Stage 1: train the SSL + Conformer-TCM detector.
 
-Weighted cross-entropy (spoof 0.1, bona fide 0.9), Adam/AdamW, RawBoost on the fly,
-early stopping on the dev loss, the N best epochs averaged into ``stage1_detector.pth``,
+Weighted cross-entropy (spoof 0.1, bona fide 0.9), Adam/AdamW with an optional learning-rate
+schedule (``training.lr_schedule``, :func:`scheduled_lr`), RawBoost on the fly, early stopping on
+the dev loss, the N best epochs averaged into ``stage1_detector.pth``,
 resumable after an interruption (even a SIGKILL), TensorBoard scalars under
 ``run_dir/logs/stage1_detector``. Runs single-process or, unchanged, under ``torchrun``
 (DistributedDataParallel)::
@@ -19,6 +20,7 @@ one process (up to floating-point summation order).
 from __future__ import annotations
 
 import logging
+import math
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -63,6 +65,7 @@ __all__ = [
     "stage1_config",
     "Stage1Result",
     "train_stage1",
+    "scheduled_lr",
     "evaluate_detector",
     "score_utterances",
     "stage1_report",
@@ -82,8 +85,9 @@ class Stage1Result:
 
     Attributes:
         checkpoint: ``run_dir/stage1_detector.pth`` (the average of the N best epochs).
-        history: per epoch: ``train_loss``, ``dev_loss``, ``dev_eer`` (fraction),
-            ``epoch_seconds`` and ``train_utts_per_s`` (training steps only, all ranks).
+        history: per epoch: ``train_loss``, ``dev_loss``, ``dev_eer`` (fraction; NaN for an epoch
+            whose dev set was not scored, see ``training.dev_last_epochs``), ``epoch_seconds`` and
+            ``train_utts_per_s`` (training steps only, all ranks).
         best_epochs: the 1-based epochs averaged into the checkpoint.
         epochs_completed: epochs finished, over all (resumed) sessions.
         stopped_early: early stopping ended the run.
@@ -124,6 +128,54 @@ def _weighted_ce(logits: Tensor, y: Tensor, weights: Tensor, ctx: DistContext) -
     wsum, total = local[0], local[1]
     loss = per_utt.sum() / (wsum.to(per_utt.dtype) / ctx.world_size).clamp_min(1e-12)
     return loss, (total / wsum.clamp_min(1e-12)).float()
+
+
+def scheduled_lr(
+    step: int, total_steps: int, lr: float, schedule: str = "constant", warmup_steps: float = 0.0,
+    min_lr_ratio: float = 0.0, decay_steps: float | None = None,
+) -> float:
+    """The learning rate of optimiser step ``step`` (0-based) of ``total_steps`` (``training.lr_schedule``).
+
+    - ``constant``: ``lr`` (after a linear warm-up when ``warmup_steps`` > 0);
+    - ``cosine``: linear warm-up to ``lr`` (step i of W: ``lr * (i + 1) / W``), ``lr`` until the
+      last ``decay_steps`` steps (``None``: every step after the warm-up), over which half a cosine
+      takes it down to ``lr * min_lr_ratio`` at the last step;
+    - ``onecycle``: ``torch.optim.lr_scheduler.OneCycleLR``'s curve (``anneal_strategy="cos"``,
+      ``div_factor=25``, no momentum cycling): half a cosine up from ``lr / 25`` to ``lr`` over the
+      warm-up, then half a cosine down to ``lr * min_lr_ratio``.
+
+    A function of the step count only, so a resumed run continues the same curve. Steps past the
+    end keep the final value.
+    """
+    total = max(int(total_steps), 1)
+    warm = min(max(float(warmup_steps), 0.0), float(total))
+    step = min(max(int(step), 0), total - 1)
+    floor = lr * min_lr_ratio
+
+    def cos_between(start: float, end: float, frac: float) -> float:
+        return end + (start - end) * 0.5 * (1.0 + math.cos(math.pi * min(max(frac, 0.0), 1.0)))
+
+    if schedule == "onecycle":
+        peak = max(warm - 1.0, 0.0)  # OneCycleLR's last warm-up step, where lr peaks
+        if step <= peak and peak > 0:
+            return cos_between(lr / 25.0, lr, step / peak)
+        return cos_between(lr, floor, (step - peak) / max(total - 1 - peak, 1.0))
+    if step < warm:
+        return lr * (step + 1) / warm
+    if schedule == "constant":
+        return lr
+    if schedule == "cosine":
+        start = warm if decay_steps is None else max(warm, total - float(decay_steps))
+        if step < start:
+            return lr
+        return cos_between(lr, floor, (step - start) / max(total - 1 - start, 1.0))
+    raise ValueError(f"unknown learning-rate schedule {schedule!r}")
+
+
+def _dev_scored(epoch: int, num_epochs: int, last_epochs: int | None = None) -> bool:
+    """Whether the dev set is scored after 1-based ``epoch``: after each of the last ``last_epochs``
+    epochs (``None``: after every epoch)."""
+    return last_epochs is None or epoch > num_epochs - last_epochs
 
 
 def _autocast(device: torch.device, bf16: bool):
@@ -309,6 +361,16 @@ def train_stage1(
     ctx.barrier()
     best = BestCheckpoints(ckpt_dir, tc.keep_best)
 
+    steps_per_epoch = len(train_loader)
+    if tc.max_steps_per_epoch is not None:
+        steps_per_epoch = min(steps_per_epoch, tc.max_steps_per_epoch)
+    total_steps = tc.num_epochs * steps_per_epoch
+
+    def lr_of(step: int) -> float:
+        decay = None if tc.decay_epochs is None else tc.decay_epochs * steps_per_epoch
+        return scheduled_lr(step, total_steps, tc.lr, tc.lr_schedule, tc.warmup_epochs * steps_per_epoch,
+                            tc.min_lr_ratio, decay)
+
     train_model = wrap_ddp(model, ctx)
     writer = summary_writer(run_dir / "logs" / "stage1_detector", enabled=ctx.is_main, completed_steps=global_step)
     stopped_early = state is not None and bool(state.get("stopped", False))
@@ -340,20 +402,28 @@ def train_stage1(
                 if tc.grad_clip:
                     grad_norm = torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
                     check_finite(grad_norm, global_step, "Stage 1 (gradient norm)", state_path)
+                lr_now = lr_of(global_step)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr_now
                 optimizer.step()
                 global_step += 1
                 value = float(global_loss)
                 step_losses.append(value)
                 n_utts += len(y)
                 writer.add_scalar("train/loss_step", value, global_step)
+                writer.add_scalar("train/lr", lr_now, global_step)
                 bar.set_postfix(loss=f"{value:.4f}")
             train_seconds = time.perf_counter() - t_epoch
             n_utts_all = round(ctx.all_reduce_mean(n_utts) * ctx.world_size)
             train_loss = float(np.mean(step_losses)) if step_losses else float("nan")
-            dev_loss, dev_scores, dev_labels = evaluate_detector(
-                train_model, dev_loader, device, class_weights, ctx, tc.bf16, desc="dev", progress=progress
-            )
-            dev_eer = _eer_from(dev_scores, dev_labels)
+            scored = _dev_scored(epoch + 1, tc.num_epochs, tc.dev_last_epochs)
+            if scored:
+                dev_loss, dev_scores, dev_labels = evaluate_detector(
+                    train_model, dev_loader, device, class_weights, ctx, tc.bf16, desc="dev", progress=progress
+                )
+                dev_eer = _eer_from(dev_scores, dev_labels)
+            else:  # not scored (training.dev_last_epochs): NaN in the history
+                dev_loss = dev_eer = float("nan")
             epoch_seconds = time.perf_counter() - t_epoch
             elapsed += epoch_seconds
             throughput = n_utts_all / max(train_seconds, 1e-9)
@@ -361,17 +431,21 @@ def train_stage1(
                                ("epoch_seconds", epoch_seconds), ("train_utts_per_s", throughput)):
                 history[key].append(float(value))
             writer.add_scalar("train/loss", train_loss, epoch + 1)
-            writer.add_scalar("dev/loss", dev_loss, epoch + 1)
-            writer.add_scalar("dev/eer", dev_eer, epoch + 1)
+            if scored:
+                writer.add_scalar("dev/loss", dev_loss, epoch + 1)
+                writer.add_scalar("dev/eer", dev_eer, epoch + 1)
             writer.add_scalar("speed/train_utts_per_s", throughput, epoch + 1)
             writer.flush()
-            log.info("epoch %d/%d: train loss %.4f, dev loss %.4f, dev EER %.2f%%, %.1f s (%.0f utt/s training)",
-                     epoch + 1, tc.num_epochs, train_loss, dev_loss, 100 * dev_eer, epoch_seconds, throughput)
-            early.step(dev_loss)
+            dev_text = f"dev loss {dev_loss:.4f}, dev EER {100 * dev_eer:.2f}%" if scored else "dev not scored"
+            log.info("epoch %d/%d: train loss %.4f, %s, %.1f s (%.0f utt/s training)",
+                     epoch + 1, tc.num_epochs, train_loss, dev_text, epoch_seconds, throughput)
+            if scored:  # patience counts scored epochs
+                early.step(dev_loss)
             stopped_early = early.should_stop
             if ctx.is_main:
                 # best first, then the state: a kill in between is repaired by drop_after on resume
-                best.consider(dev_loss, epoch + 1, model.state_dict())
+                if scored:
+                    best.consider(dev_loss, epoch + 1, model.state_dict())
                 save_training_state(
                     state_path,
                     loop_state("model", model, optimizer, early, history, epoch + 1, global_step, elapsed,
