@@ -64,9 +64,12 @@ print(f"run_dir: {run_dir}\ndata:    {cfg.data.root}\nmodel:   emb {cfg.model.em
 
 # %% [markdown]
 # ## Train
-# One progress bar per epoch; each epoch ends with the dev loss and dev EER. Curves live in
-# TensorBoard (`tensorboard --logdir <run_dir>/logs/stage1_detector`). An interrupted run
-# continues from its last finished epoch when you run the notebook again (`resume`).
+# One progress bar per epoch; a scored epoch ends with the dev loss and dev EER. The demo holds
+# its learning rate for 35 epochs and decays it over the last 10 (`training.lr_schedule`,
+# `decay_epochs`), and scores dev only over those 10 (`training.dev_last_epochs`; the others show
+# "dev not scored" and `null` in metrics.json): they are the epochs averaged into the checkpoint.
+# Curves live in TensorBoard (`tensorboard --logdir <run_dir>/logs/stage1_detector`). An interrupted
+# run continues from its last finished epoch when you run the notebook again (`resume`).
 
 # %%
 result = train_stage1(cfg, run_dir, resume=resume)

@@ -454,3 +454,20 @@ def test_child_processes_of_the_holder_may_work_in_the_run_directory(tmp_path):
     assert child.stdout.strip() == "inherited", child.stderr
     assert stranger.stdout.strip() == "refused", stranger.stderr
     assert "XAI_LIB_HELD_RUN_LOCKS" not in os.environ and not (run_dir / ".lock").exists()
+
+
+def test_metrics_json_is_strict_json_with_unscored_values_as_null(tmp_path):
+    """An epoch whose dev set was not scored (NaN in the history) is ``null`` in metrics.json, which
+    strict readers (jq, browsers: no ``NaN``) parse; other stages' keys are kept."""
+    import numpy as np
+
+    from xai_lib.runs import merge_metrics
+
+    merge_metrics(tmp_path, "stage2", {"f1": 0.5})
+    merge_metrics(tmp_path, "stage1", {"history": {"dev_eer": [float("nan"), 0.01]}, "eer": np.float32(0.25),
+                                       "inf": float("inf")})
+    text = (tmp_path / "metrics.json").read_text()
+    data = json.loads(text, parse_constant=lambda name: pytest.fail(f"metrics.json holds {name}"))
+    assert data["stage1"]["history"]["dev_eer"] == [None, 0.01]
+    assert data["stage1"]["eer"] == 0.25 and data["stage1"]["inf"] is None
+    assert data["stage2"] == {"f1": 0.5}

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import socket
 import sys
@@ -443,7 +444,8 @@ def default_run_dir(base: str | Path = "outputs", suffix: str = "run") -> Path:
 
 
 def merge_metrics(run_dir: str | Path, key: str, values: dict[str, Any]) -> Path:
-    """Merge ``{key: values}`` into ``run_dir/metrics.json`` atomically (other stages' keys kept)."""
+    """Merge ``{key: values}`` into ``run_dir/metrics.json`` atomically (other stages' keys kept;
+    non-finite numbers are written as ``null``)."""
     path = Path(run_dir) / "metrics.json"
     data: dict[str, Any] = {}
     if path.is_file():
@@ -451,8 +453,20 @@ def merge_metrics(run_dir: str | Path, key: str, values: dict[str, Any]) -> Path
             data = json.loads(path.read_text())
         except json.JSONDecodeError:
             log.warning("metrics.json in %s was not valid JSON; starting a new one", run_dir)
-    data[key] = values
-    return atomic_write_text(path, json.dumps(data, indent=2, default=_json_default))
+    data[key] = _finite_or_null(json.loads(json.dumps(values, default=_json_default)))
+    return atomic_write_text(path, json.dumps(data, indent=2, allow_nan=False))
+
+
+def _finite_or_null(obj: Any) -> Any:
+    """NaN/inf floats become ``null`` (strict JSON: ``jq`` and browsers reject ``NaN``), e.g. the
+    dev EER of a Stage-1 epoch whose dev set was not scored."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite_or_null(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_finite_or_null(v) for v in obj]
+    return obj
 
 
 def _json_default(obj: Any) -> Any:
