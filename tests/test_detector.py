@@ -417,6 +417,29 @@ def test_encoder_windows_group_norm_ignores_the_padding(group_norm):
     assert hidden[1, 40:].abs().sum() == 0
 
 
+@pytest.mark.parametrize("norm,group_norm,shared", [
+    ("layer", "centred", True), ("group", "utterance", True), ("group", "centred", False), ("group", "window", False),
+])
+def test_frontend_with_context_runs_the_conv_encoder_once_where_that_changes_nothing(norm, group_norm, shared):
+    """The verdict's features and the local-context ones in one call: the detector's own
+    features exactly, the windowed ones as windowed_frontend computes them, and the conv feature
+    encoder run once when it is shared (layer norm, or group norm with utterance statistics)."""
+    model = _tiny_detector() if norm == "layer" else _group_norm_detector()
+    wave, _ = _waves([24000])
+    calls = []
+    hook = model.ssl_model.feature_extractor.conv_layers[-1].register_forward_hook(lambda *_: calls.append(1))
+    kw = dict(context_s=0.3, mode="encoder_windows", group_norm=group_norm)
+    with torch.no_grad():
+        full, local, mask = model.frontend_with_context(wave, None, **kw)
+        n_calls = len(calls)
+        hook.remove()
+        torch.testing.assert_close(full, model.frontend(wave)[0], atol=0, rtol=0)
+        torch.testing.assert_close(local, model.windowed_frontend(wave, None, **kw)[0], atol=1e-5, rtol=0)
+    assert model.shares_conv_encoder("encoder_windows", group_norm) is shared
+    assert n_calls == (1 if shared else 2)  # conv encoder passes
+    assert bool(mask.all()) and local.shape == full.shape
+
+
 def test_windowed_frontend_rejects_unknown_modes_and_hops():
     model = _tiny_detector()
     wave, _ = _waves([8000])

@@ -15,7 +15,7 @@ from conftest import tiny_model_dict
 from torch.utils.data import DataLoader
 
 import xai_lib.importance.training as stage2
-from xai_lib.config import ModelConfig, Stage1Config, Stage2Config, config_from_dict, load_config
+from xai_lib.config import ConfigError, ModelConfig, Stage1Config, Stage2Config, config_from_dict, load_config
 from xai_lib.data.audio import crop_or_pad, load_audio
 from xai_lib.data.datasets import EvalDataset, build_split, collate_padded
 from xai_lib.detector.checkpoint import CheckpointError, load_detector, save_detector
@@ -443,12 +443,20 @@ def test_calibrated_module_with_the_neutral_removal(tmp_path, tiny_corpus, detec
     assert 0.0 <= metrics["false_flag_rate_eval"] <= 1.0
 
 
-def test_encoder_windows_context_mode_trains_and_explains_with_the_same_features(tmp_path, tiny_corpus, detector_file):
-    cfg = _cfg(tiny_corpus, "xai.context_s=0.1", "xai.context_mode=encoder_windows", "training.num_epochs=1")
+@pytest.mark.parametrize("group_norm", ["centred", "utterance"])
+def test_encoder_windows_context_mode_trains_and_explains_with_the_same_features(tmp_path, tiny_corpus, detector_file,
+                                                                                 group_norm):
+    cfg = _cfg(tiny_corpus, "xai.context_s=0.1", "xai.context_mode=encoder_windows",
+               f"xai.context_group_norm={group_norm}", "training.num_epochs=1")
     result = train_stage2(cfg, _run_dir(tmp_path, detector_file), progress=False)
     detector = load_detector(detector_file).eval()
     xai = load_xai(result.checkpoint, detector=detector)
-    assert xai.config.context_mode == "encoder_windows"
+    assert xai.config.context_mode == "encoder_windows" and xai.config.context_group_norm == group_norm
     wave = torch.randn(2, CROP) * 0.1
-    h, mask = detector.windowed_frontend(wave, None, 0.1, mode="encoder_windows")
+    h, mask = detector.windowed_frontend(wave, None, 0.1, mode="encoder_windows", group_norm=group_norm)
     torch.testing.assert_close(xai.frame_importance(detector, wave), xai.module(h, mask).importance)
+
+
+def test_unknown_context_group_norm_is_a_config_error_naming_the_key(tiny_corpus):
+    with pytest.raises(ConfigError, match="xai.context_group_norm"):
+        _cfg(tiny_corpus, "xai.context_group_norm=global")

@@ -289,6 +289,11 @@ class XAIConfig:
     # (the conv feature encoder once per utterance, only the transformer per window; same features
     # with layer norm (XLS-R), centred 0.3 s statistics with group norm; about half the cost)
     context_mode: str = "windows"
+    # encoder_windows with a group-normalised conv encoder (wav2vec 2.0 base style, the demo): where its
+    # first layer's statistics come from -- "centred" (context_s centred on each frame), "window" (the
+    # frame's window) or "utterance" (the whole utterance, as the detector's own pass: the conv encoder
+    # then runs once for the verdict and the importance). No effect with layer norm (XLS-R)
+    context_group_norm: str = "centred"
     prototype_mode: str = "ema"  # "ema" | "fixed" | "learnable"
     ema_momentum: float = 0.99
     importance_arch: str = "mlp"  # "mlp" (per frame) | "conv" (temporal 1-D conv variant)
@@ -324,6 +329,10 @@ class XAIConfig:
             )
         if self.context_mode not in ("windows", "encoder_windows"):
             raise ConfigError(f"xai.context_mode must be 'windows' or 'encoder_windows', got {self.context_mode!r}")
+        if self.context_group_norm not in ("centred", "window", "utterance"):
+            raise ConfigError(
+                f"xai.context_group_norm must be 'centred', 'window' or 'utterance', got {self.context_group_norm!r}"
+            )
         if self.prototype_mode not in ("ema", "fixed", "learnable"):
             raise ConfigError(
                 f"xai.prototype_mode must be one of 'ema', 'fixed', 'learnable', got {self.prototype_mode!r}"

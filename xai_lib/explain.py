@@ -461,18 +461,19 @@ class Explainer:
     @torch.no_grad()
     def _importance_chunk(self, x: torch.Tensor) -> tuple[torch.Tensor, float]:
         """Learned importance (T,) and the detector's score of one chunk (1, L), one front-end pass."""
-        from xai_lib.importance.inference import LoadedXAI, extract_representation
+        from xai_lib.importance.inference import LoadedXAI, context_options, extract_representation
 
         xai, det = self.importance_model, self.detector
         if not isinstance(xai, LoadedXAI):  # any ImportanceModel: two passes
             return xai.frame_importance(det, x, None)[0], float(det(x).scores[0])
-        ssl, mask = det.frontend(x)  # (1, T, D_ssl), (1, T)
-        out = det.backend(ssl)
         if xai.config.context_s is None:
+            ssl, mask = det.frontend(x)  # (1, T, D_ssl), (1, T)
+            out = det.backend(ssl)
             h = ssl if xai.representation == "ssl" else out.frame_tokens
-        else:
-            h, _, mask = extract_representation(det, x, None, xai.representation, context_s=xai.config.context_s,
-                                                full_features=False, context_mode=xai.config.context_mode)
+        else:  # the verdict's pass and the local context share the conv encoder where they can
+            h, ssl, mask = extract_representation(det, x, None, xai.representation, full_features=True,
+                                                  **context_options(xai.config))
+            out = det.backend(ssl)
         param = next(xai.module.parameters())
         return xai.module(h.to(param.dtype), mask).importance[0], float(out.logits[0, 1])
 

@@ -822,6 +822,7 @@ class Detector(DetectorBackEnd):
         mode: str = "windows",
         hop_fraction: float = 0.5,
         group_norm: str = "centred",
+        conv_hidden: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         """SSL features computed with a limited audio context per frame.
 
@@ -872,6 +873,9 @@ class Detector(DetectorBackEnd):
                 window (the original), 1 = windows side by side without overlap.
             group_norm: ``"window"``, ``"centred"`` or ``"utterance"``: the statistics of a
                 group-normalised first conv layer in mode ``"encoder_windows"`` (above).
+            conv_hidden: mode ``"encoder_windows"`` only: the transformer encoder's input
+                (B, T', D_ssl) already computed (:meth:`frontend_with_context` passes the
+                detector's own); used instead of running the conv feature encoder again.
 
         Returns:
             ssl_features: (B, T, D_ssl) with T as :meth:`frontend` gives it, padded frames 0.
@@ -919,7 +923,10 @@ class Detector(DetectorBackEnd):
                 starts_bt[f_utt, f_time] = torch.tensor(plan.win_start, dtype=torch.long)[f_win]
             else:  # "centred": a window centred on each frame
                 starts_bt = (torch.arange(T) - (win_frames - 1) // 2).expand(B, T)
-            hidden = self._conv_hidden_states(wave, lengths, starts_bt, win_frames)  # (B, T', D), padded frames 0
+            if conv_hidden is None:
+                hidden = self._conv_hidden_states(wave, lengths, starts_bt, win_frames)  # (B, T', D), padded frames 0
+            else:
+                hidden = conv_hidden[:, :T] * frame_mask[..., None].to(conv_hidden.dtype)
             hidden = hidden[:, :T]  # the batch may be padded beyond its longest utterance
             starts = plan.win_start + [0] * len(plan.whole)
             utts = plan.win_utt + list(plan.whole)
@@ -945,6 +952,50 @@ class Detector(DetectorBackEnd):
                 out[b, :n] = feats[len(plan.win_utt) + j, :n].to(out.dtype)
         out[f_utt, f_time] = feats[f_win, f_loc].to(out.dtype)
         return out, frame_mask
+
+    def shares_conv_encoder(self, mode: str, group_norm: str) -> bool:
+        """Whether :meth:`frontend_with_context` computes the conv feature encoder once for both
+        outputs: mode ``"encoder_windows"`` with a layer-normalised conv encoder (XLS-R: its
+        features are local anyway) or with ``group_norm="utterance"`` (the statistics the
+        detector's own pass takes)."""
+        norm = getattr(self.ssl_model.feature_extractor.conv_layers[0], "layer_norm", None)
+        return mode == "encoder_windows" and (group_norm == "utterance" or not isinstance(norm, nn.GroupNorm))
+
+    def frontend_with_context(
+        self,
+        wave: Tensor,
+        lengths: Tensor | None = None,
+        context_s: float = 0.3,
+        mode: str = "encoder_windows",
+        group_norm: str = "centred",
+        hop_fraction: float = 0.5,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """The detector's own SSL features and local-context ones of the same batch, in one call.
+
+        ``ssl_features`` are exactly :meth:`frontend`'s (what the detector scores). ``local``
+        are :meth:`windowed_frontend`'s, except that when :meth:`shares_conv_encoder` holds the
+        transformer windows read the conv feature encoder output of the detector's own pass
+        instead of computing it again: identical features with a layer-normalised conv
+        encoder; with a group-normalised one and ``group_norm="utterance"``, each utterance's
+        statistics as the detector takes them (the same as computing them alone, unless a
+        padded batch lets the padding into them, as it does for the detector). The conv
+        encoder is most of the demo front end's cost (XLS-R: a smaller share).
+
+        Returns:
+            ssl_features (B, T, D_ssl), local (B, T, D_ssl), frame_mask (B, T) bool.
+        """
+        options = dict(mode=mode, group_norm=group_norm, hop_fraction=hop_fraction)
+        if not self.shares_conv_encoder(mode, group_norm):
+            ssl_features, frame_mask = self.frontend(wave, lengths)
+            return ssl_features, self.windowed_frontend(wave, lengths, context_s, **options)[0], frame_mask
+        captured: list[Tensor] = []
+        hook = self.ssl_model.feature_projection.register_forward_hook(lambda _m, _i, out: captured.append(out[0]))
+        try:
+            ssl_features, frame_mask = self.frontend(wave, lengths)
+        finally:
+            hook.remove()
+        local = self.windowed_frontend(wave, lengths, context_s, conv_hidden=captured[-1], **options)[0]
+        return ssl_features, local, frame_mask
 
     def _conv_hidden_states(
         self, wave: Tensor, lengths: Tensor, norm_starts: Tensor | None = None, norm_frames: int = 0

@@ -33,6 +33,7 @@ __all__ = [
     "REPRESENTATIONS",
     "LoadedXAI",
     "extract_representation",
+    "context_options",
     "representation_dim",
     "detector_source",
     "importance_per_utterance",
@@ -71,6 +72,13 @@ def representation_dim(detector: nn.Module, kind: str) -> int:
     return int(detector.ssl_dim if kind == "ssl" else detector.emb_size)
 
 
+def context_options(xai_cfg: Any) -> dict[str, Any]:
+    """The local-context keyword arguments of :func:`extract_representation` from an
+    :class:`~xai_lib.config.XAIConfig` (``context_s``, ``context_mode``, ``group_norm``)."""
+    return {"context_s": xai_cfg.context_s, "context_mode": xai_cfg.context_mode,
+            "group_norm": getattr(xai_cfg, "context_group_norm", "centred")}
+
+
 @torch.no_grad()
 def extract_representation(
     detector: nn.Module,
@@ -80,6 +88,7 @@ def extract_representation(
     context_s: float | None = None,
     full_features: bool = True,
     context_mode: str = "windows",
+    group_norm: str = "centred",
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Frame representation ``h`` of a waveform batch by the frozen detector (no gradient).
 
@@ -96,6 +105,10 @@ def extract_representation(
             representation reflects its own neighbourhood.
         full_features: also compute the detector's own full-context SSL features (the second
             return value) when ``context_s`` is set; ``False`` returns the windowed ones there.
+            Both come from :meth:`~xai_lib.detector.model.Detector.frontend_with_context`, which
+            shares the conv feature encoder between them where that changes nothing.
+        context_mode, group_norm: how the windows are computed (``xai.context_mode``,
+            ``xai.context_group_norm``).
 
     Returns:
         h: (B, T, D) the representation (0 on padded frames).
@@ -108,9 +121,13 @@ def extract_representation(
     if context_s is None:
         ssl_features, frame_mask = detector.frontend(wave, lengths)  # (B, T, D_ssl), (B, T)
         local = ssl_features
+    elif full_features:
+        ssl_features, local, frame_mask = detector.frontend_with_context(wave, lengths, context_s, context_mode,
+                                                                         group_norm)
     else:
-        local, frame_mask = detector.windowed_frontend(wave, lengths, context_s, mode=context_mode)
-        ssl_features = detector.frontend(wave, lengths)[0] if full_features else local
+        local, frame_mask = detector.windowed_frontend(wave, lengths, context_s, mode=context_mode,
+                                                       group_norm=group_norm)
+        ssl_features = local
     if kind == "ssl":
         return local, ssl_features, frame_mask
     tokens = detector.backend(local, frame_mask).frame_tokens  # (B, T, E)
@@ -192,8 +209,7 @@ class LoadedXAI:
             :class:`~xai_lib.importance.module.XAIOutput` with ``T`` = the detector's frame count.
         """
         h, _, frame_mask = extract_representation(detector, wave, lengths, self.representation,
-                                                  context_s=self.config.context_s, full_features=False,
-                                                  context_mode=self.config.context_mode)
+                                                  full_features=False, **context_options(self.config))
         if h.shape[-1] != self.in_dim:
             self.check_detector(detector)  # raises the explanatory error
         self.module.eval()

@@ -55,7 +55,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm.auto import tqdm
 
-from xai_lib.config import ConfigError, Stage2Config, config_to_dict, notebook_config, save_config
+from xai_lib.config import ConfigError, Stage2Config, XAIConfig, config_to_dict, notebook_config, save_config
 from xai_lib.data.datasets import EvalDataset, build_split, collate_padded
 from xai_lib.data.protocols import Utterance
 from xai_lib.detector.removal import BonafideReference
@@ -64,7 +64,13 @@ from xai_lib.detector.checkpoint import load_detector
 from xai_lib.detector.model import Detector
 from xai_lib.files import file_sha256
 from xai_lib.importance.checkpoint import save_xai
-from xai_lib.importance.inference import LoadedXAI, extract_representation, importance_per_utterance, representation_dim
+from xai_lib.importance.inference import (
+    LoadedXAI,
+    context_options,
+    extract_representation,
+    importance_per_utterance,
+    representation_dim,
+)
 from xai_lib.importance.module import SPOOF_INDEX, XAIModule, class_means, smoothing_frames
 from xai_lib.paths import PROJECT_ROOT, resolve_path
 from xai_lib.training import (
@@ -251,22 +257,27 @@ class Stage2Result:
 
 
 def _forward_detector(
-    detector: nn.Module, wave: Tensor, lengths: Tensor, kind: str, context_s: float | None = None,
-    context_mode: str = "windows",
+    detector: nn.Module, wave: Tensor, lengths: Tensor, kind: str, xai_cfg: XAIConfig
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Representation, back-end input, frame mask and the full-input spoof probability.
+    """Representation, back-end input, frame mask and the full-input spoof probability (the
+    detector's own pass and the local-context one share what they can, see
+    :func:`~xai_lib.importance.inference.extract_representation`).
 
     Returns:
         h (B, T, D), ssl_features (B, T, D_ssl), frame_mask (B, T) bool, p_full (B,).
     """
     with torch.no_grad():
-        ssl, mask = detector.frontend(wave, lengths)  # (B, T, D_ssl), (B, T)
+        if xai_cfg.context_s is None:
+            ssl, mask = detector.frontend(wave, lengths)  # (B, T, D_ssl), (B, T)
+            local = None
+        else:
+            local, ssl, mask = extract_representation(detector, wave, lengths, "ssl", full_features=True,
+                                                      **context_options(xai_cfg))
         out = detector.backend(ssl, mask)
-        if context_s is None:
+        if local is None:
             h = ssl if kind == "ssl" else out.frame_tokens  # (B, T, D)
         else:
-            h = extract_representation(detector, wave, lengths, kind, context_s, full_features=False,
-                                       context_mode=context_mode)[0]
+            h = local if kind == "ssl" else detector.backend(local, mask).frame_tokens
         p_full = F.softmax(out.logits.float(), dim=-1)[:, SPOOF_INDEX]  # (B,)
     return h, ssl, mask, p_full
 
@@ -290,8 +301,7 @@ def _batch_loss(
     wave = batch["wave"].to(device)
     lengths = batch["lengths"].to(device)
     labels = batch["labels"].to(device)
-    h, ssl, mask, p_full = _forward_detector(detector, wave, lengths, cfg.xai.representation, cfg.xai.context_s,
-                                             cfg.xai.context_mode)
+    h, ssl, mask, p_full = _forward_detector(detector, wave, lengths, cfg.xai.representation, cfg.xai)
     frame_labels = None
     if "spoof_spans" in batch:
         frame_labels = span_frame_labels(batch["spoof_spans"].to(device), mask.shape[1], detector.frame_hop_samples)
@@ -352,15 +362,14 @@ def evaluate_xai(
 
 
 def _representation_batches(
-    detector: nn.Module, loader: DataLoader, kind: str, device: torch.device, context_s: float | None = None,
-    context_mode: str = "windows",
+    detector: nn.Module, loader: DataLoader, kind: str, device: torch.device, xai_cfg: XAIConfig
 ) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
     """``(h (B, T, D), frame_mask (B, T), labels (B,))`` for :func:`class_means`."""
     for batch in loader:
         if len(batch["labels"]) == 0:
             continue
         h, _, mask = extract_representation(detector, batch["wave"].to(device), batch["lengths"].to(device), kind,
-                                            context_s, full_features=False, context_mode=context_mode)
+                                            full_features=False, **context_options(xai_cfg))
         yield h, mask, batch["labels"].to(device)
 
 
@@ -378,8 +387,7 @@ def _training_class_means(
                      on_bad_audio=cfg.data.on_bad_audio)
     loader = DataLoader(ds, batch_size=cfg.training.eval_batch_size, shuffle=False, collate_fn=collate_padded,
                         num_workers=cfg.data.num_workers)
-    batches = _representation_batches(detector, loader, cfg.xai.representation, ctx.device, cfg.xai.context_s,
-                                      cfg.xai.context_mode)
+    batches = _representation_batches(detector, loader, cfg.xai.representation, ctx.device, cfg.xai)
     return class_means(batches, progress=progress and ctx.is_main)
 
 
