@@ -50,6 +50,7 @@ sanity_levels: int = 3  # randomisation levels from the top: classifier, back en
 sanity_ig_steps: int = 8  # Integrated Gradients steps in the sanity checks
 sanity_steps: int = 4  # deletion/insertion steps of the waveform-domain check (2 (steps + 1) detector passes per method)
 sanity_retrain: bool = True  # also train Stage 2 briefly (2 epochs of at most 8 steps) on the fully randomised detector
+num_threads: "Optional[int]" = None  # torch CPU threads; None: the run's training.num_threads (the demo: 1)
 smoke: bool = False  # seconds-long run
 seed: int = 1234  # random seed (utterance draw, random baseline)
 
@@ -68,6 +69,7 @@ from xai_lib.explanation import (
     run_data_config,
     run_stage3,
     similarity_fn,
+    use_run_threads,
     viewer_items,
 )
 from xai_lib.importance import load_xai
@@ -77,6 +79,7 @@ from xai_lib.runs import merge_metrics
 logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", force=True)
 logging.getLogger("xai_lib").setLevel(logging.INFO)
 run_dir = resolve_path(run_dir)
+num_threads = use_run_threads(run_dir, num_threads)
 stage1_path = resolve_path(stage1_checkpoint) if stage1_checkpoint else run_dir / "stage1_detector.pth"
 stage2_path = resolve_path(stage2_checkpoint) if stage2_checkpoint else run_dir / "stage2_xai.pth"
 if smoke:

@@ -6,6 +6,9 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("MPLBACKEND", "Agg")
+# child processes too (notebook kernels, the pipeline, torchrun ranks): tiny models on one thread each;
+# two OpenMP threads per process on a shared 2-core machine can be 5x slower (measured: Stage 3 smoke)
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from pathlib import Path
 

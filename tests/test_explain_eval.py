@@ -240,3 +240,18 @@ def test_load_explanation_set_reads_the_partially_spoofed_subset(tiny_corpus, de
         assert it["wave"].dtype == np.float32
     assert any(it["spoof_mask"].any() and not it["spoof_mask"].all() for it in items), \
         "partially spoofed utterances have both spoofed and bona fide frames"
+
+
+def test_stage3_uses_the_runs_thread_setting_unless_told(tmp_path):
+    """Notebook 03 runs on the threads the run trained with (the demo: 1, robust on a shared
+    machine), or on the ones it is given."""
+    from xai_lib.explanation.report import use_run_threads
+
+    before = torch.get_num_threads()
+    try:
+        (tmp_path / "config_stage2.yaml").write_text("training:\n  num_threads: 1\n")
+        assert use_run_threads(tmp_path) == 1 == torch.get_num_threads()
+        assert use_run_threads(tmp_path, 2) == 2 == torch.get_num_threads()
+        assert use_run_threads(tmp_path / "nothing_here") == 2  # no config: left as it is
+    finally:
+        torch.set_num_threads(before)

@@ -25,6 +25,7 @@ from xai_lib.explanation.report import (
     run_data_config,
     run_stage3,
     similarity_fn,
+    use_run_threads,
     viewer_items,
 )
 from xai_lib.explanation.viewer import ImportanceViewer
@@ -45,6 +46,7 @@ __all__ = [
     "calibrated_table",
     "run_data_config",
     "run_stage3",
+    "use_run_threads",
     "metrics_table",
     "similarity_fn",
     "viewer_items",

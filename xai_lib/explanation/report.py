@@ -19,6 +19,7 @@ from xai_lib.explanation.evaluation import evaluate_methods
 __all__ = [
     "STAGE3_KEYS",
     "run_data_config",
+    "use_run_threads",
     "run_stage3",
     "calibrate_methods",
     "calibrated_table",
@@ -54,6 +55,23 @@ def run_data_config(run_dir: str | Path, data_root: str | Path | None = None, ov
         f"{run_dir} holds neither config_stage2.yaml nor config_stage1.yaml: Stage 3 explains the data of a "
         "trained run. Run notebooks 01 and 02 (or the pipeline's --stage1 --stage2) into this run directory first."
     )
+
+
+def use_run_threads(run_dir: str | Path, num_threads: int | None = None) -> int:
+    """Set torch's CPU threads for Stage 3: ``num_threads``, else the run's own
+    ``training.num_threads`` (``config_stage2.yaml``, else ``config_stage1.yaml``; the demo: 1),
+    else torch's default. Returns the number in use."""
+    import yaml
+
+    if num_threads is None:
+        for name in ("config_stage2.yaml", "config_stage1.yaml"):
+            path = Path(run_dir) / name
+            if path.is_file():
+                num_threads = ((yaml.safe_load(path.read_text()) or {}).get("training") or {}).get("num_threads")
+                break
+    if num_threads:
+        torch.set_num_threads(int(num_threads))
+    return torch.get_num_threads()
 
 
 def _spans(mask: np.ndarray | None, hop: float) -> list[tuple[float, float]] | None:
