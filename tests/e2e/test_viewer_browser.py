@@ -116,6 +116,7 @@ def viewer_notebook(jupyter_lab: JupyterLabServer, tmp_path: Path) -> ViewerNote
         "smoke": True,
         "seed": 0,
         "num_utterances": 4,
+        "sanity": False,  # the viewer is under test here; the sanity section runs in tests/test_notebooks.py
     }
     injected = _prepare(NOTEBOOK_03, root / NOTEBOOK_03.name, parameters)
     return ViewerNotebook(NOTEBOOK_03.name, "notebook 03", [run_dir, root], injected)
