@@ -70,6 +70,7 @@ from xai_lib.explanation import (
     similarity_fn,
     viewer_items,
 )
+from xai_lib.explanation.evaluation import applicable_methods
 from xai_lib.importance import load_xai
 from xai_lib.paths import resolve_path
 from xai_lib.runs import merge_metrics
@@ -83,6 +84,7 @@ if smoke:
     num_utterances, ig_steps, calibration_utterances = min(num_utterances, 4), min(ig_steps, 4), min(calibration_utterances, 2)
     sanity_utterances, sanity_ig_steps, sanity_steps = min(sanity_utterances, 2), min(sanity_ig_steps, 2), min(sanity_steps, 2)
 detector = load_detector(stage1_path)
+methods = applicable_methods(detector, methods)  # e.g. no attention_rollout on an AASIST back end
 xai = load_xai(stage2_path, detector=detector) if "importance" in methods else None
 data_cfg = run_data_config(run_dir, data_root, overrides)
 items = load_explanation_set(data_cfg, split=split, num_utterances=num_utterances, seed=seed, detector=detector)

@@ -310,7 +310,9 @@ class Stage1Config:
 class XAIConfig:
     """The Stage-2 XAI module. Defaults are the seed configuration."""
 
-    representation: str = "ssl"  # "ssl" (SSL output, the original) | "backend" (Conformer frame tokens)
+    # "ssl" (SSL output, the original) | "backend" (the back end's frame tokens: TCM, the last Conformer
+    # block's; AASIST, the temporal node features of each 3-frame step, repeated over its frames)
+    representation: str = "ssl"
     # seconds of audio the frozen front end sees when computing h(t): null = the whole utterance (as
     # the detector scores it, the original); e.g. 0.3 = overlapping 0.3 s windows on the detector's
     # frame grid, each frame from the window centred nearest to it (local evidence stays local).
