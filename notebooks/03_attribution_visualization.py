@@ -70,7 +70,6 @@ from xai_lib.explanation import (
     similarity_fn,
     viewer_items,
 )
-from xai_lib.explanation.evaluation import applicable_methods
 from xai_lib.importance import load_xai
 from xai_lib.paths import resolve_path
 from xai_lib.runs import merge_metrics
@@ -84,7 +83,6 @@ if smoke:
     num_utterances, ig_steps, calibration_utterances = min(num_utterances, 4), min(ig_steps, 4), min(calibration_utterances, 2)
     sanity_utterances, sanity_ig_steps, sanity_steps = min(sanity_utterances, 2), min(sanity_ig_steps, 2), min(sanity_steps, 2)
 detector = load_detector(stage1_path)
-methods = applicable_methods(detector, methods)  # e.g. no attention_rollout on an AASIST back end
 xai = load_xai(stage2_path, detector=detector) if "importance" in methods else None
 data_cfg = run_data_config(run_dir, data_root, overrides)
 items = load_explanation_set(data_cfg, split=split, num_utterances=num_utterances, seed=seed, detector=detector)
@@ -107,6 +105,7 @@ stage3 = run_stage3(detector, xai, items, run_dir, methods=methods, seed=seed,
                     method_kwargs={"integrated_gradients": {"n_steps": ig_steps}},
                     calibration_items=calibration_items, whole_items=whole_items, false_flag_rate=false_flag_rate)
 stage3.update(split=split, ig_steps=ig_steps)
+methods = list(stage3["methods"])  # those run (not attention_rollout on AASIST: stage3["not_applicable"])
 merge_metrics(run_dir, "stage3", stage3)
 display(Markdown(metrics_table(stage3["methods"])))
 
