@@ -58,8 +58,10 @@ run_dir.mkdir(parents=True, exist_ok=True)
 cfg = stage1_config(config_path, overrides, data_root, batch_size=batch_size, num_epochs=num_epochs, seed=seed,
                     smoke=smoke)
 ensure_demo_corpus(cfg.data.root)
-print(f"run_dir: {run_dir}\ndata:    {cfg.data.root}\nmodel:   emb {cfg.model.emb_size}, "
-      f"{cfg.model.num_encoders} encoders, SSL {cfg.model.ssl.pretrained_path or 'random init'}\n"
+arch = (f"emb {cfg.model.emb_size}, {cfg.model.num_encoders} encoders" if cfg.model.backend == "tcm"
+        else f"AASIST, emb {cfg.model.aasist.emb_size}, encoder {cfg.model.aasist.encoder_channels}")
+print(f"run_dir: {run_dir}\ndata:    {cfg.data.root}\nmodel:   {arch}, "
+      f"SSL {cfg.model.ssl.pretrained_path or 'random init'}\n"
       f"training: batch {cfg.training.batch_size}, up to {cfg.training.num_epochs} epochs, seed {cfg.training.seed}")
 
 # %% [markdown]

@@ -108,6 +108,7 @@ stage3 = run_stage3(detector, xai, items, run_dir, methods=methods, seed=seed,
                     method_kwargs={"integrated_gradients": {"n_steps": ig_steps}},
                     calibration_items=calibration_items, whole_items=whole_items, false_flag_rate=false_flag_rate)
 stage3.update(split=split, ig_steps=ig_steps)
+methods = list(stage3["methods"])  # those run (not attention_rollout on AASIST: stage3["not_applicable"])
 merge_metrics(run_dir, "stage3", stage3)
 display(Markdown(metrics_table(stage3["methods"])))
 

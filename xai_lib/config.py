@@ -26,6 +26,7 @@ import yaml
 __all__ = [
     "ConfigError",
     "SSLConfig",
+    "AASISTConfig",
     "ModelConfig",
     "DataConfig",
     "Stage1TrainingConfig",
@@ -100,10 +101,62 @@ class SSLConfig:
 
 
 @dataclass
+class AASISTConfig:
+    """The AASIST back end (``model.backend: aasist``) after the SSL front end.
+
+    Defaults are the published SSL-AASIST recipe (XLS-R + AASIST, Tak et al. 2022), so a
+    published LA/DF checkpoint needs no other setting. ``docs/aasist_checkpoint.md`` lists
+    the parameter names and shapes these sizes give.
+    """
+
+    emb_size: int = 128  # width of LL (SSL dim -> emb_size); the 3x3 max-pool leaves emb_size // 3 spectral nodes
+    # output channels of each residual block of the encoder (the first block reads 1 channel)
+    encoder_channels: list[int] = field(default_factory=lambda: [32, 32, 64, 64, 64, 64])
+    attention_channels: int = 128  # hidden channels of the 1x1 attention conv stack
+    gat_dims: list[int] = field(default_factory=lambda: [64, 32])  # [GAT_layer_S/T output, heterogeneous layers output]
+    # share of nodes each graph pool keeps: [pool_S, pool_T, the four pool_hS*/pool_hT*]
+    # (the recipe lists a fourth value its model never reads)
+    pool_ratios: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
+    # attention temperatures: [GAT_layer_S, GAT_layer_T, the four HtrgGAT layers] (same remark)
+    temperatures: list[float] = field(default_factory=lambda: [2.0, 2.0, 100.0])
+    graph_dropout: float = 0.2  # input dropout of every graph attention layer
+    pool_dropout: float = 0.3  # dropout before each graph pool's scoring projection
+    branch_dropout: float = 0.2  # dropout on both inference branches before their element-wise max
+    hidden_dropout: float = 0.5  # dropout on the 5 x gat_dims[1] readout before out_layer
+
+    def __post_init__(self) -> None:
+        if self.emb_size < 3:
+            raise ConfigError(f"model.aasist.emb_size must be >= 3 (the 3x3 max-pool), got {self.emb_size}")
+        if not self.encoder_channels or any(c <= 0 for c in self.encoder_channels):
+            raise ConfigError(
+                f"model.aasist.encoder_channels must be a non-empty list of positive integers, got {self.encoder_channels!r}")
+        _check_positive("model.aasist.attention_channels", self.attention_channels)
+        if len(self.gat_dims) != 2 or any(d <= 0 for d in self.gat_dims):
+            raise ConfigError(f"model.aasist.gat_dims must be two positive integers, got {self.gat_dims!r}")
+        if len(self.pool_ratios) != 3 or any(not 0 < r <= 1 for r in self.pool_ratios):
+            raise ConfigError(
+                f"model.aasist.pool_ratios must be three values in (0, 1] (S, T, heterogeneous), got {self.pool_ratios!r}")
+        if len(self.temperatures) != 3 or any(not t > 0 for t in self.temperatures):
+            raise ConfigError(
+                f"model.aasist.temperatures must be three positive values (S, T, heterogeneous), got {self.temperatures!r}")
+        for name in ("graph_dropout", "pool_dropout", "branch_dropout", "hidden_dropout"):
+            _check_range(f"model.aasist.{name}", getattr(self, name), 0.0, 1.0, hi_open=True)
+
+
+#: the back ends ``model.backend`` selects
+BACKENDS = ("tcm", "aasist")
+
+
+@dataclass
 class ModelConfig:
-    """SSL front end + neck + Conformer-TCM back end."""
+    """SSL front end + a back end: the neck + Conformer-TCM (``tcm``, the default) or AASIST.
+
+    ``emb_size`` ... ``max_positions`` describe the TCM back end, ``aasist`` the AASIST one;
+    the fields of the back end not selected by ``backend`` are not used.
+    """
 
     ssl: SSLConfig = field(default_factory=SSLConfig)
+    backend: str = "tcm"  # "tcm" (LL, first_bn, Conformer-TCM) | "aasist" (SSL-AASIST recipe; sizes in model.aasist)
     emb_size: int = 144
     num_encoders: int = 4
     heads: int = 4
@@ -111,8 +164,11 @@ class ModelConfig:
     ff_mult: int = 4
     dropout: float = 0.0  # dropout inside the Conformer blocks (the reference uses none at inference)
     max_positions: int = 10000
+    aasist: AASISTConfig = field(default_factory=AASISTConfig)
 
     def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise ConfigError(f"model.backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
         if self.emb_size <= 0 or self.heads <= 0 or self.emb_size % self.heads:
             raise ConfigError(f"model.emb_size ({self.emb_size}) must be a positive multiple of model.heads ({self.heads})")
         if self.num_encoders < 1:
@@ -279,7 +335,9 @@ class Stage1Config:
 class XAIConfig:
     """The Stage-2 XAI module. Defaults are the seed configuration."""
 
-    representation: str = "ssl"  # "ssl" (SSL output, the original) | "backend" (Conformer frame tokens)
+    # "ssl" (SSL output, the original) | "backend" (the back end's frame tokens: TCM, the last Conformer
+    # block's; AASIST, the temporal node features of each 3-frame step, repeated over its frames)
+    representation: str = "ssl"
     # seconds of audio the frozen front end sees when computing h(t): null = the whole utterance (as
     # the detector scores it, the original); e.g. 0.3 = overlapping 0.3 s windows on the detector's
     # frame grid, each frame from the window centred nearest to it (local evidence stays local).

@@ -5,11 +5,15 @@ Two on-disk formats are read by :func:`load_detector`:
 * **ours** (``save_detector``): a dict ``{"format": "xai_lib.stage1", "version": 1,
   "model_config", "ssl_config", "state_dict", "extra"}`` holding tensors and primitives
   only, so the model is rebuilt without the pretrained SSL directory;
-* **the published TCM checkpoint** (``avg_5_best.pth``): a plain state dict with
-  fairseq-named XLS-R weights under ``ssl_model.model.`` and the back end under
-  ``LL.``, ``first_bn.``, ``conformer.``. The fairseq names are mapped to
-  ``transformers.Wav2Vec2Model`` names (:func:`fairseq_to_hf_key`); the architecture
-  comes from a config (``ModelConfig`` defaults = the published architecture).
+* **a published state dict**: a plain state dict with fairseq-named XLS-R weights under
+  ``ssl_model.model.`` and the back end under its own names: the TCM checkpoint
+  (``avg_5_best.pth``: ``LL.``, ``first_bn.``, ``conformer.``) or an SSL-AASIST one (the LA
+  and DF models of the SSL_Anti-spoofing recipe: ``LL.``, ``first_bn.``, ``encoder.``,
+  ``GAT_layer_S.``, ``master1``, ... ; ``docs/aasist_checkpoint.md``). The back end is
+  recognised from the tensors (:func:`published_backend`). The fairseq names are mapped to
+  ``transformers.Wav2Vec2Model`` names (:func:`fairseq_to_hf_key`); the architecture comes
+  from a config (``ModelConfig`` defaults = the published architectures); the AASIST sizes
+  are read from the tensors when the config does not give them (:func:`guess_aasist_config`).
 
 Loading is strict: every tensor is mapped or knowingly ignored (the pretraining-only
 quantizer/projection heads), shapes are checked, and any problem raises one
@@ -31,8 +35,8 @@ import yaml
 from torch import Tensor, nn
 
 from xai_lib.files import CheckpointError, atomic_torch_save, safe_torch_load, to_primitive, unwrap_model
-from xai_lib.config import ConfigError, ModelConfig, Stage1Config, config_from_dict, config_to_dict
-from xai_lib.detector.model import Detector, build_ssl, ssl_config_dict, ssl_from_config_dict
+from xai_lib.config import AASISTConfig, ConfigError, ModelConfig, Stage1Config, config_from_dict, config_to_dict
+from xai_lib.detector.model import Detector, build_detector, build_ssl, ssl_config_dict, ssl_from_config_dict
 
 __all__ = [
     "CheckpointError",
@@ -48,6 +52,8 @@ __all__ = [
     "fairseq_to_hf_key",
     "hf_to_fairseq_key",
     "map_published_state_dict",
+    "published_backend",
+    "guess_aasist_config",
 ]
 
 logger = logging.getLogger(__name__)
@@ -56,7 +62,12 @@ FORMAT_NAME = "xai_lib.stage1"
 FORMAT_VERSION = 1
 FAIRSEQ_SSL_PREFIX = "ssl_model.model."
 OUR_SSL_PREFIX = "ssl_model."
+#: back-end key prefixes of the published checkpoints: TCM (``LL``, ``first_bn``, ``conformer``),
+#: then AASIST (every module of the SSL-AASIST recipe's model, and its three root parameters)
 BACKEND_PREFIXES = ("LL.", "first_bn.", "conformer.")
+AASIST_PREFIXES = ("first_bn1.", "encoder.", "attention.", "GAT_layer_S.", "GAT_layer_T.", "HtrgGAT_layer_ST",
+                   "pool_S.", "pool_T.", "pool_hS", "pool_hT", "out_layer.")
+AASIST_ROOT_PARAMETERS = ("pos_S", "master1", "master2")
 # fairseq Wav2Vec2Model tensors used only by the self-supervised pretraining loss
 PRETRAINING_ONLY_PREFIXES = ("quantizer.", "input_quantizer.", "project_q.", "project_inp.", "final_proj.", "target_glu.")
 _MAX_LISTED = 20
@@ -68,11 +79,14 @@ class LoadReport:
 
     Attributes:
         path: the file read.
-        format: ``"xai_lib.stage1"`` or ``"tcm_state_dict"`` (published plain state dict).
+        format: ``"xai_lib.stage1"``, ``"tcm_state_dict"`` or ``"aasist_state_dict"`` (published
+            plain state dicts).
         mapped: number of tensors loaded into the model.
         ignored: checkpoint keys knowingly not loaded (pretraining-only heads).
         stripped_prefix: a ``module.`` prefix removed from every key, if any.
         extra: the ``extra`` dict stored by :func:`save_detector` (empty otherwise).
+        guessed: architecture fields read from the tensors' shapes (``model.aasist.*`` of a
+            published AASIST state dict loaded without them), empty otherwise.
     """
 
     path: str
@@ -81,6 +95,7 @@ class LoadReport:
     ignored: list[str] = field(default_factory=list)
     stripped_prefix: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    guessed: dict[str, Any] = field(default_factory=dict)
 
     def summary(self) -> str:
         ignored = ""
@@ -88,7 +103,10 @@ class LoadReport:
             shown = ", ".join(self.ignored[:8]) + (" ..." if len(self.ignored) > 8 else "")
             ignored = f"; {len(self.ignored)} pretraining-only tensors ignored ({shown})"
         prefix = f"; stripped prefix {self.stripped_prefix!r}" if self.stripped_prefix else ""
-        return f"{self.path} ({self.format}): {self.mapped} tensors loaded{ignored}{prefix}"
+        guessed = ""
+        if self.guessed:
+            guessed = "; read from the tensors: " + ", ".join(f"{k}={v}" for k, v in self.guessed.items())
+        return f"{self.path} ({self.format}): {self.mapped} tensors loaded{ignored}{prefix}{guessed}"
 
 
 # ----------------------------------------------------------------------------- name mapping
@@ -175,10 +193,16 @@ def _is_pretraining_only(fairseq_name: str) -> bool:
     return fairseq_name.startswith(PRETRAINING_ONLY_PREFIXES)
 
 
+def _is_backend_key(key: str) -> bool:
+    return key.startswith(BACKEND_PREFIXES + AASIST_PREFIXES) or key in AASIST_ROOT_PARAMETERS
+
+
 def map_published_state_dict(
     state: Mapping[str, Tensor], model_keys: Iterable[str]
 ) -> tuple[dict[str, Tensor], dict[str, str], list[str], list[str]]:
-    """Rename a published TCM state dict to our ``Detector`` keys.
+    """Rename a published (TCM or SSL-AASIST) state dict to our ``Detector`` keys.
+
+    The fairseq SSL names are mapped; back-end names are ours already (the published ones).
 
     Args:
         state: the checkpoint (``module.`` prefix already stripped).
@@ -213,7 +237,7 @@ def map_published_state_dict(
                 hf = hf.replace("parametrizations.weight.original0", "weight_g").replace(
                     "parametrizations.weight.original1", "weight_v")
             ours = OUR_SSL_PREFIX + hf
-        elif key.startswith(BACKEND_PREFIXES):
+        elif _is_backend_key(key):
             ours = key
         else:
             unmapped.append(key)
@@ -224,6 +248,80 @@ def map_published_state_dict(
         mapped[ours] = tensor
         source_names[ours] = key
     return mapped, source_names, ignored, unmapped
+
+
+# ----------------------------------------------------------------------------- back end of a published state dict
+
+
+def published_backend(state: Mapping[str, Any], path: str | Path = "<state dict>") -> str:
+    """The back end a published state dict holds: ``"tcm"`` (``conformer.*``) or ``"aasist"``
+    (``encoder.*``, ``GAT_layer_S.*``, ``master1`` ...), ``module.`` prefix already stripped.
+
+    Raises:
+        CheckpointError: neither, or both.
+    """
+    tcm = any(k.startswith("conformer.") for k in state)
+    aasist = any(k.startswith(AASIST_PREFIXES) or k in AASIST_ROOT_PARAMETERS for k in state)
+    if tcm and aasist:
+        raise CheckpointError(
+            f"{path}: the state dict holds both a TCM back end (conformer.*) and AASIST tensors (encoder.*, "
+            "GAT_layer_*, master1 ...); a detector has one back end. Check that the file is one model's state dict."
+        )
+    if not (tcm or aasist):
+        others = sorted({k.split(".")[0] for k in state if not k.startswith(FAIRSEQ_SSL_PREFIX)})
+        raise CheckpointError(
+            f"{path}: no known back end in the state dict: expected TCM tensors (conformer.*) or SSL-AASIST tensors "
+            f"(encoder.*, GAT_layer_S.*, master1 ...); its other top-level names: {', '.join(others[:12]) or 'none'}. "
+            "xai_lib loads the published TCM and SSL-AASIST checkpoints (docs/aasist_checkpoint.md)."
+        )
+    return "tcm" if tcm else "aasist"
+
+
+def guess_aasist_config(state: Mapping[str, Any], path: str | Path = "<state dict>") -> dict[str, Any]:
+    """The ``model.aasist`` sizes of a published SSL-AASIST state dict, read from tensor shapes.
+
+    Read: ``emb_size`` (rows of ``LL.weight``), ``encoder_channels`` (output channels of every
+    ``encoder.K.0.conv1.weight``), ``attention_channels`` (``attention.0.weight``), ``gat_dims``
+    (``GAT_layer_S.att_proj.weight``, ``HtrgGAT_layer_ST11.att_proj.weight``); ``pos_S`` is
+    checked against them. Temperatures, pool ratios and dropouts leave no trace in the tensors:
+    they stay as the config (default: the recipe's).
+
+    Returns:
+        ``{"emb_size", "encoder_channels", "attention_channels", "gat_dims"}``.
+
+    Raises:
+        CheckpointError: a tensor needed is missing or has an unexpected shape (names it).
+    """
+    def need(key: str, dims: int) -> Tensor:
+        t = state.get(key)
+        if not isinstance(t, Tensor) or t.dim() != dims:
+            found = "missing" if t is None else f"shape {_shape(t)}"
+            raise CheckpointError(
+                f"{path}: cannot read the AASIST architecture from the tensors: {key} is {found} (expected a "
+                f"{dims}-d tensor). Pass the architecture instead: load_detector(path, config=<YAML or dict with "
+                "model.backend: aasist and model.aasist.*>); docs/aasist_checkpoint.md lists the names and shapes."
+            )
+        return t
+
+    emb_size = int(need("LL.weight", 2).shape[0])
+    blocks = sorted({int(m.group(1)) for k in state for m in [re.match(r"encoder\.(\d+)\.0\.conv1\.weight$", k)] if m})
+    if not blocks or blocks != list(range(len(blocks))):
+        raise CheckpointError(
+            f"{path}: cannot read the AASIST encoder from the tensors: expected encoder.0.0.conv1.weight, "
+            f"encoder.1.0.conv1.weight, ... (found blocks {blocks}). Pass config=<... model.aasist.encoder_channels>."
+        )
+    channels = [int(need(f"encoder.{k}.0.conv1.weight", 4).shape[0]) for k in blocks]
+    attention = int(need("attention.0.weight", 4).shape[0])
+    gat_dims = [int(need("GAT_layer_S.att_proj.weight", 2).shape[0]),
+                int(need("HtrgGAT_layer_ST11.att_proj.weight", 2).shape[0])]
+    pos = need("pos_S", 3)
+    if tuple(pos.shape) != (1, emb_size // 3, channels[-1]):
+        raise CheckpointError(
+            f"{path}: pos_S has shape {_shape(pos)} but LL.weight ({emb_size} rows) and the last encoder block "
+            f"({channels[-1]} channels) imply (1, {emb_size // 3}, {channels[-1]}): not an SSL-AASIST state dict "
+            "this loader understands; pass config=<... model.aasist.*> to see every mismatch."
+        )
+    return {"emb_size": emb_size, "encoder_channels": channels, "attention_channels": attention, "gat_dims": gat_dims}
 
 
 # ----------------------------------------------------------------------------- strict loading
@@ -254,6 +352,12 @@ def _describe_published(state: Mapping[str, Tensor]) -> str:
     dw = state.get("conformer.encoder_blocks.0.conv.net.4.conv.weight")
     if isinstance(dw, Tensor) and dw.dim() == 3:
         hints.append(f"kernel_size={dw.shape[-1]}")
+    if any(k.startswith("GAT_layer_S.") for k in state):
+        try:
+            guessed = guess_aasist_config(state)
+            hints.append("backend=aasist, " + ", ".join(f"aasist.{k}={v}" for k, v in guessed.items()))
+        except CheckpointError:
+            hints.append("backend=aasist")
     layers = {m.group(1) for k in state for m in [re.match(r"ssl_model\.model\.encoder\.layers\.(\d+)\.", k)] if m}
     if layers:
         hints.append(f"ssl.num_hidden_layers={len(layers)}")
@@ -270,6 +374,7 @@ def _strict_load(
     source_names: Mapping[str, str] | None = None,
     expected_name: Callable[[str], str | None] | None = None,
     hint: str = "",
+    fields: str = "emb_size, heads, kernel_size, num_encoders, model.ssl.*",
 ) -> None:
     """Load ``state`` into ``model`` or raise one :class:`CheckpointError` listing every problem."""
     target = model.state_dict()
@@ -294,7 +399,7 @@ def _strict_load(
         if mismatched:
             parts.append(_listing("shape mismatches", mismatched))
         parts.append(
-            "Check that the model config (emb_size, heads, kernel_size, num_encoders, model.ssl.*) "
+            f"Check that the model config ({fields}) "
             "describes the checkpoint" + (f"; the checkpoint looks like: {hint}" if hint else "")
             + (". For a plain state dict pass the architecture: load_detector(path, config=<stage-1 YAML or "
                "model dict>)." if expected_name is not None else ".")
@@ -306,14 +411,21 @@ def _strict_load(
 # ----------------------------------------------------------------------------- config resolution
 
 
-def _resolve_model_config(config: Any) -> tuple[ModelConfig, str]:
-    """Accept a ModelConfig, Stage1Config, dict or YAML path (full stage-1 file or bare model section)."""
+_ALL_FIELDS = frozenset(f.name for f in dataclasses.fields(ModelConfig))
+
+
+def _resolve_model_config(config: Any) -> tuple[ModelConfig, str, frozenset[str]]:
+    """Accept a ModelConfig, Stage1Config, dict or YAML path (full stage-1 file or bare model section).
+
+    Returns the config, where it came from, and the model fields it sets explicitly (every
+    field for a config object; the keys present for a mapping or YAML file).
+    """
     if config is None:
-        return ModelConfig(), "ModelConfig defaults (XLS-R 300M + TCM emb 144, heads 4, kernel 31, 4 encoders)"
+        return ModelConfig(), "ModelConfig defaults (XLS-R 300M + TCM emb 144, heads 4, kernel 31, 4 encoders)", frozenset()
     if isinstance(config, ModelConfig):
-        return config, "<ModelConfig>"
+        return config, "<ModelConfig>", _ALL_FIELDS
     if isinstance(config, Stage1Config):
-        return config.model, "<Stage1Config>.model"
+        return config.model, "<Stage1Config>.model", _ALL_FIELDS
     if isinstance(config, (str, Path)):
         source = str(config)
         cpath = Path(config)
@@ -331,7 +443,7 @@ def _resolve_model_config(config: Any) -> tuple[ModelConfig, str]:
         raise ConfigError(f"{source}: expected a mapping at the top level")
     if isinstance(data.get("model"), Mapping):  # a full stage-1 file: use its model section
         data, source = data["model"], f"{source} (section model)"
-    return config_from_dict(data, ModelConfig, source), source
+    return config_from_dict(data, ModelConfig, source), source, frozenset(map(str, data))
 
 
 # ----------------------------------------------------------------------------- save / load / average
@@ -372,16 +484,20 @@ def _strip_prefix(state: Mapping[str, Any], prefix: str = "module.") -> tuple[di
 
 
 def load_detector(path: str | Path, config: Any = None, map_location: Any = "cpu") -> Detector:
-    """Load a Stage-1 detector from our format or from the published TCM ``avg_5_best.pth``.
+    """Load a Stage-1 detector from our format or from a published TCM / SSL-AASIST state dict.
 
     Args:
         path: the checkpoint file.
         config: only for a published plain state dict: the architecture, as a YAML path
             (a full stage-1 config with a ``model:`` section, or a bare model section), a
             dict, a ``ModelConfig`` or a ``Stage1Config``. ``None`` = ``ModelConfig()``
-            defaults, which describe the published checkpoint. The SSL weights come from the
-            checkpoint, so ``model.ssl.pretrained_path`` is not needed. Ignored for our own
-            format, which carries its config.
+            defaults, which describe the published checkpoints (XLS-R 300M front end). The back
+            end is recognised from the tensors (a config that names another ``model.backend``
+            is refused); for AASIST, ``model.aasist`` sizes not given by the config (a mapping
+            or YAML without an ``aasist`` key, or ``None``) are read from the tensor shapes
+            (reported in ``load_report.guessed``). The SSL weights come from the checkpoint,
+            so ``model.ssl.pretrained_path`` is not needed. Ignored for our own format, which
+            carries its config.
         map_location: passed to ``torch.load``.
 
     Returns:
@@ -407,7 +523,7 @@ def load_detector(path: str | Path, config: Any = None, map_location: Any = "cpu
         keys = ", ".join(list(map(str, obj))[:10])
         raise CheckpointError(
             f"{path}: not a detector checkpoint: expected an xai_lib checkpoint (key 'format') or a plain "
-            f"TCM state dict (only tensors); found keys {keys}"
+            f"published state dict (TCM or SSL-AASIST, only tensors); found keys {keys}"
         )
     model.eval()
     model.load_report = report  # type: ignore[attr-defined]
@@ -428,7 +544,7 @@ def _load_own(obj: Mapping[str, Any], path: Path) -> tuple[Detector, LoadReport]
     if missing:
         raise CheckpointError(f"{path}: incomplete {FORMAT_NAME} checkpoint, missing {', '.join(missing)}")
     cfg = config_from_dict(obj["model_config"], ModelConfig, f"{path}:model_config")
-    model = Detector(cfg, ssl_model=ssl_from_config_dict(dict(obj["ssl_config"])))
+    model = build_detector(cfg, ssl_model=ssl_from_config_dict(dict(obj["ssl_config"])))
     state, prefix = _strip_prefix(obj["state_dict"])
     _strict_load(model, state, path=path, what=FORMAT_NAME)
     report = LoadReport(str(path), FORMAT_NAME, mapped=len(state), stripped_prefix=prefix,
@@ -437,11 +553,27 @@ def _load_own(obj: Mapping[str, Any], path: Path) -> tuple[Detector, LoadReport]
 
 
 def _load_published(obj: Mapping[str, Tensor], path: Path, config: Any) -> tuple[Detector, LoadReport]:
-    cfg, source = _resolve_model_config(config)
+    cfg, source, explicit = _resolve_model_config(config)
+    state, prefix = _strip_prefix(obj)
+    backend = published_backend(state, path)
+    if "backend" in explicit and cfg.backend != backend:
+        raise CheckpointError(
+            f"{path} holds a{'n AASIST' if backend == 'aasist' else ' TCM'} back end but the config ({source}) says "
+            f"model.backend: {cfg.backend}. Set model.backend: {backend} (or leave it out: it is recognised from the "
+            "tensors)."
+        )
+    guessed: dict[str, Any] = {}
+    if backend != cfg.backend or (backend == "aasist" and "aasist" not in explicit):
+        if backend == "aasist" and "aasist" not in explicit:
+            guessed = guess_aasist_config(state, path)
+            aasist = config_from_dict({**config_to_dict(cfg.aasist), **guessed}, AASISTConfig, f"{path} (read sizes)")
+            cfg = dataclasses.replace(cfg, backend=backend, aasist=aasist)
+            source += "; model.aasist sizes read from the tensors"
+        else:
+            cfg = dataclasses.replace(cfg, backend=backend)
     # all SSL weights come from the checkpoint: build the architecture from the fields
     ssl_model = build_ssl(dataclasses.replace(cfg.ssl, pretrained_path=None))
-    model = Detector(cfg, ssl_model=ssl_model)
-    state, prefix = _strip_prefix(obj)
+    model = build_detector(cfg, ssl_model=ssl_model)
     mapped, source_names, ignored, unmapped = map_published_state_dict(state, model.state_dict().keys())
     norm = model.ssl_model.config.feat_extract_norm
 
@@ -451,10 +583,14 @@ def _load_published(obj: Mapping[str, Tensor], path: Path, config: Any) -> tuple
             return FAIRSEQ_SSL_PREFIX + fs if fs else None
         return key
 
-    _strict_load(model, mapped, path=path, what=f"published TCM state dict, architecture from {source}",
+    name = "AASIST" if backend == "aasist" else "TCM"
+    fields = ("model.aasist.* (emb_size, encoder_channels, attention_channels, gat_dims), model.ssl.*"
+              if backend == "aasist" else "emb_size, heads, kernel_size, num_encoders, model.ssl.*")
+    _strict_load(model, mapped, path=path, what=f"published {name} state dict, architecture from {source}",
                  unmapped=unmapped, source_names=source_names, expected_name=expected_name,
-                 hint=_describe_published(state))
-    return model, LoadReport(str(path), "tcm_state_dict", mapped=len(mapped), ignored=ignored, stripped_prefix=prefix)
+                 hint=_describe_published(state), fields=fields)
+    return model, LoadReport(str(path), f"{backend}_state_dict", mapped=len(mapped), ignored=ignored,
+                             stripped_prefix=prefix, guessed=guessed)
 
 
 def average_state_dicts(state_dicts: list[Mapping[str, Any]]) -> dict[str, Any]:

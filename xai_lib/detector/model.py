@@ -1,4 +1,8 @@
-"""Stage-1 detector: wav2vec 2.0 / XLS-R front end + Conformer-TCM back end.
+"""Stage-1 detector: wav2vec 2.0 / XLS-R front end + a back end (Conformer-TCM here, AASIST in
+:mod:`xai_lib.detector.aasist`).
+
+:class:`Detector` holds the front end; ``Detector(cfg)`` (or :func:`build_detector`) returns the
+subclass of ``cfg.backend``: :class:`TCMDetector` (below) or ``AASISTDetector``.
 
 The computation follows the published "Temporal-Channel Modeling" (TCM) detector
 (``shared/reference/TCM_CHECKPOINT.md``) and its module/parameter names match the
@@ -20,7 +24,7 @@ all-true one) the computation is exactly the reference one.
 
 Example::
 
-    model = Detector(config_from_dict(tiny_model_dict(), ModelConfig)).eval()
+    model = Detector(config_from_dict(tiny_model_dict(), ModelConfig)).eval()   # a TCMDetector
     out = model(wave, lengths)          # DetectorOutput
     out.scores                          # (B,) bona fide logit, higher = more bona fide
 """
@@ -52,6 +56,8 @@ __all__ = [
     "DetectorOutput",
     "DetectorBackEnd",
     "Detector",
+    "TCMDetector",
+    "build_detector",
 ]
 
 logger = logging.getLogger(__name__)
@@ -502,15 +508,23 @@ class TCMConformer(nn.Module):
 
 @dataclass
 class BackendOutput:
-    """Output of :meth:`DetectorBackEnd.backend`.
+    """Output of a back end's ``backend`` (:meth:`DetectorBackEnd.backend` for TCM,
+    :meth:`~xai_lib.detector.aasist.AASISTBackEnd.backend` for AASIST).
 
     Attributes:
         logits: (B, 2) class logits; column 0 = spoof, column 1 = bona fide.
-        neck: (B, T, E) neck output fed to the Conformer (after ``frame_weights``).
-        frame_tokens: (B, T, E) last block's frame outputs (class token removed; padded frames 0).
-        cls_token: (B, E) last block's class-token output (the input of ``fc5``).
-        attentions: per block (B, H, N + H, N + H) attention weights, N = 1 + T, token order
-            [class token, T frames, H head tokens]; ``None`` unless requested.
+        neck: per-frame neck output (after ``frame_weights``). TCM: (B, T, E) fed to the
+            Conformer. AASIST: (B, T, emb_size // 3), each frame's LL output max-pooled over
+            frequency, normalised by ``first_bn`` and SELU, before the time max-pool.
+        frame_tokens: (B, T, frame_token_dim) the back end's last per-time features on the 20 ms
+            frame grid (padded frames 0). TCM: the last block's frame outputs (class token
+            removed). AASIST: the temporal node features (input of ``GAT_layer_T``), each step
+            repeated over the frames it pools.
+        cls_token: (B, D) the utterance embedding the classifier reads (TCM: the last block's
+            class token, input of ``fc5``; AASIST: the readout, input of ``out_layer``).
+        attentions: TCM: per block (B, H, N + H, N + H) attention weights, N = 1 + T, token order
+            [class token, T frames, H head tokens]; ``None`` unless requested, and always
+            ``None`` for AASIST (its graph attention is not over frames).
     """
 
     logits: Tensor
@@ -528,9 +542,10 @@ class DetectorOutput:
         logits: (B, 2) class logits; column 0 = spoof, column 1 = bona fide.
         scores: (B,) ``logits[:, 1]``, the ASVspoof score (higher = more bona fide).
         ssl_features: (B, T, D_ssl) final SSL layer output (padded frames 0).
-        neck: (B, T, E) neck output (LL, BatchNorm, SELU).
-        frame_tokens: (B, T, E) last Conformer block's frame outputs (padded frames 0).
-        cls_token: (B, E) last block's class-token output (the utterance embedding).
+        neck: (B, T, E) neck output (TCM: LL, BatchNorm, SELU; see :class:`BackendOutput`).
+        frame_tokens: (B, T, E) the back end's per-frame features (TCM: the last Conformer
+            block's frame outputs; see :class:`BackendOutput`), padded frames 0.
+        cls_token: (B, E) the utterance embedding (TCM: the last block's class token).
         frame_mask: (B, T) bool, true for frames inside each utterance.
         frame_lengths: (B,) long, valid frames per utterance.
         attentions: per block (B, H, N + H, N + H), N = 1 + T, token order
@@ -707,9 +722,23 @@ class DetectorBackEnd(nn.Module):
         """Logits (B, 2) from SSL features (B, T, D_ssl); see :meth:`backend`."""
         return self.backend(ssl_features, frame_mask).logits
 
+    @property
+    def frame_token_dim(self) -> int:
+        """Width of :attr:`BackendOutput.frame_tokens` (the ``backend`` representation of Stage 2)."""
+        return int(self.emb_size)
 
-class Detector(DetectorBackEnd):
-    """The Stage-1 detector: SSL front end (``ssl_model``) + neck + Conformer-TCM.
+
+class Detector(nn.Module):
+    """The Stage-1 detector: SSL front end (``ssl_model``) + the back end ``cfg.backend`` names.
+
+    ``Detector(cfg)`` builds the subclass of the configured back end (as :func:`build_detector`
+    does): :class:`TCMDetector` for ``model.backend: tcm`` (neck + Conformer-TCM, the default)
+    or :class:`~xai_lib.detector.aasist.AASISTDetector` for ``aasist``; both are ``Detector``
+    instances. This class holds what every back end shares: the front end
+    (:meth:`frontend`, :meth:`windowed_frontend`, :meth:`num_frames`, ``frame_hop_s``) and
+    :meth:`forward`; a back end adds ``backend(ssl_features, frame_mask=None,
+    frame_weights=None, output_attentions=False) -> BackendOutput``, ``ssl_dim``,
+    ``frame_token_dim`` and, for Grad-CAM, ``gradcam_tap``.
 
     Args:
         cfg: the model config.
@@ -719,21 +748,31 @@ class Detector(DetectorBackEnd):
     Attributes:
         frame_hop_s: 0.02, seconds per output frame.
         ssl_model: the ``transformers.Wav2Vec2Model`` (state-dict keys ``ssl_model.*``).
-        LL, first_bn, conformer: the back end, named as in the published checkpoint.
     """
 
     frame_hop_s: float = 0.02
+    #: whether ``forward(..., output_attentions=True)`` returns attention maps over the frames
+    #: (needed by the ``attention_rollout`` attribution method)
+    has_attention_maps: bool = False
 
-    def __init__(self, cfg: ModelConfig, ssl_model: Wav2Vec2Model | None = None) -> None:
-        ssl_model = ssl_model if ssl_model is not None else build_ssl(cfg.ssl)  # built first: seeded runs
-        super().__init__(cfg, int(ssl_model.config.hidden_size))
+    def __new__(cls, cfg: ModelConfig | None = None, *args: Any, **kwargs: Any) -> "Detector":
+        if cls is Detector:  # Detector(cfg): the configured back end's class
+            if cfg is None:
+                raise TypeError("Detector(cfg) needs the model config")
+            cls = _detector_class(cfg.backend)
+        return super().__new__(cls)
+
+    def _attach_ssl(self, ssl_model: Wav2Vec2Model) -> None:
+        """Register ``ssl_model`` first among the modules (state dicts and parameter lists put the
+        front end first, as the published checkpoints do), freeze it or enable gradient
+        checkpointing as ``cfg.ssl`` says. Called by a back end's ``__init__`` after it built its
+        own modules (the front end itself is built before them: seeded runs)."""
         self.ssl_model = ssl_model
-        # the front end first in state dicts and parameter lists, as in the published checkpoint
         modules = self._modules
         object.__setattr__(self, "_modules", {"ssl_model": modules.pop("ssl_model"), **modules})
-        if cfg.ssl.freeze:
+        if self.cfg.ssl.freeze:
             self.ssl_model.requires_grad_(False)
-        if cfg.ssl.gradient_checkpointing:
+        if self.cfg.ssl.gradient_checkpointing:
             self.ssl_model.gradient_checkpointing_enable()
 
     @property
@@ -1054,7 +1093,8 @@ class Detector(DetectorBackEnd):
         Args:
             wave: (B, L) float waveform at 16 kHz, right-padded with zeros.
             lengths: (B,) valid samples per utterance; ``None`` = all L.
-            output_attentions: also return the TCM attention weights of every block.
+            output_attentions: also return the TCM attention weights of every block (a back end
+                without attention maps over frames, AASIST, returns ``None``).
 
         Returns:
             :class:`DetectorOutput`; ``scores`` (B,) is the bona fide logit.
@@ -1074,3 +1114,42 @@ class Detector(DetectorBackEnd):
             frame_lengths=frame_lengths,
             attentions=out.attentions,
         )
+
+
+class TCMDetector(Detector, DetectorBackEnd):
+    """The detector with the neck + Conformer-TCM back end (``model.backend: tcm``).
+
+    Module and parameter names are the published TCM checkpoint's (``ssl_model``, ``LL``,
+    ``first_bn``, ``conformer``); see :class:`Detector` for the arguments.
+    """
+
+    has_attention_maps = True
+
+    def __init__(self, cfg: ModelConfig, ssl_model: Wav2Vec2Model | None = None) -> None:
+        ssl_model = ssl_model if ssl_model is not None else build_ssl(cfg.ssl)  # built first: seeded runs
+        DetectorBackEnd.__init__(self, cfg, int(ssl_model.config.hidden_size))
+        self._attach_ssl(ssl_model)
+
+
+def _detector_class(backend: str) -> type[Detector]:
+    if backend == "tcm":
+        return TCMDetector
+    if backend == "aasist":
+        from xai_lib.detector.aasist import AASISTDetector  # aasist.py imports this module
+
+        return AASISTDetector
+    raise ValueError(f"unknown model.backend {backend!r}; valid: tcm, aasist")
+
+
+def build_detector(cfg: ModelConfig, ssl_model: Wav2Vec2Model | None = None) -> Detector:
+    """The detector ``cfg`` describes: its SSL front end and the back end ``cfg.backend`` names.
+
+    Args:
+        cfg: the model config (``model.backend``: ``tcm`` or ``aasist``).
+        ssl_model: an already built front end, or ``None`` to build it from ``cfg.ssl``.
+
+    Returns:
+        A :class:`TCMDetector` or :class:`~xai_lib.detector.aasist.AASISTDetector` (both
+        :class:`Detector`), in training mode, as ``nn.Module`` constructors leave it.
+    """
+    return _detector_class(cfg.backend)(cfg, ssl_model=ssl_model)

@@ -35,13 +35,13 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from xai_lib.config import Stage1Config, config_to_dict, notebook_config, save_config
+from xai_lib.config import ConfigError, ModelConfig, Stage1Config, config_from_dict, config_to_dict, notebook_config, save_config
 from xai_lib.data.datasets import EvalDataset, build_split, collate_padded, scan_audio
 from xai_lib.data.protocols import Utterance
 from xai_lib.detector.metrics import utterance_eer
 from xai_lib.detector.checkpoint import FORMAT_NAME, average_state_dicts, save_detector
 from xai_lib.files import atomic_torch_save, safe_torch_load, unwrap_model
-from xai_lib.detector.model import Detector
+from xai_lib.detector.model import Detector, build_detector
 from xai_lib.training import (
     BestCheckpoints,
     DistContext,
@@ -288,6 +288,11 @@ def _prepare_utterances(cfg: Stage1Config, split: str) -> list[Utterance]:
 
 def _check_resumable(state: dict[str, Any], cfg: Stage1Config, state_path: Path) -> None:
     saved = state.get("model_config")
+    if isinstance(saved, dict):  # a state written before a model field existed has its default
+        try:
+            saved = config_to_dict(config_from_dict(saved, ModelConfig, str(state_path)))
+        except ConfigError:
+            pass
     if saved is not None and saved != config_to_dict(cfg.model):
         raise ResumeError(
             f"{state_path} was written by a run with a different model architecture (model: section). "
@@ -329,7 +334,7 @@ def train_stage1(
     dev_utts = _prepare_utterances(cfg, "dev")
     dev_loader = _eval_loader(dev_utts, cfg, ctx, cfg.data.eval_crop_samples)
 
-    model = Detector(cfg.model).to(device)
+    model = build_detector(cfg.model).to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     opt_cls = torch.optim.AdamW if tc.optimizer == "adamw" else torch.optim.Adam
     optimizer = opt_cls(params, lr=tc.lr, weight_decay=tc.weight_decay)

@@ -60,6 +60,8 @@ __all__ = [
     "RESULT_KEYS",
     "representation_score_fn",
     "evaluate_methods",
+    "method_not_applicable",
+    "applicable_methods",
     "time_forward",
     "load_explanation_set",
     "load_utterance_items",
@@ -161,6 +163,35 @@ def representation_score_fn(
     return _RepresentationScorer(detector, ssl_features, frame_mask, reference)
 
 
+# ----------------------------------------------------------------------------- applicability
+
+
+def method_not_applicable(detector: nn.Module, method: str) -> str | None:
+    """Why ``method`` cannot explain ``detector``, or ``None`` when it can.
+
+    ``attention_rollout`` needs attention maps over the frames, which only the TCM back end
+    returns (a detector says so with ``has_attention_maps``; one that does not say is assumed
+    to have them).
+    """
+    if method == "attention_rollout" and not getattr(detector, "has_attention_maps", True):
+        return (f"not applicable to this detector: the {type(detector).__name__} back end has no attention maps "
+                "over the frames to roll out (attention_rollout explains the TCM back end)")
+    return None
+
+
+def applicable_methods(detector: nn.Module, methods: Sequence[str]) -> list[str]:
+    """``methods`` without those :func:`method_not_applicable` rules out for ``detector`` (each
+    one left out is logged with its reason)."""
+    keep = []
+    for m in methods:
+        why = method_not_applicable(detector, m)
+        if why is None:
+            keep.append(m)
+        else:
+            logger.warning("attribution method %s skipped: %s", m, why)
+    return keep
+
+
 # ----------------------------------------------------------------------------- evaluation
 
 
@@ -222,7 +253,9 @@ def evaluate_methods(
             is skipped when ``methods`` is ``None``, an error when it is requested).
         items: :class:`ExplanationItem` dicts (``wave`` required; ``spoof_mask``,
             ``label``, ``utt_id`` optional).
-        methods: methods to evaluate; ``None`` = all of :data:`METHODS` available.
+        methods: methods to evaluate; ``None`` = all of :data:`METHODS` available (and
+            applicable to ``detector``: :func:`applicable_methods`). A method requested that
+            is not applicable is an error naming the reason.
         steps: deletion/insertion steps (``steps + 1`` points per curve).
         batch_size: utterances per batch.
         seed: seed of the ``random`` method (batch ``k`` uses ``seed + k``).
@@ -252,11 +285,14 @@ def evaluate_methods(
     if detector.training:
         raise ValueError("evaluate_methods: put the detector in eval() mode first (detector.eval())")
     if methods is None:
-        methods = [m for m in METHODS if m != "importance" or importance_model is not None]
+        methods = applicable_methods(detector, [m for m in METHODS if m != "importance" or importance_model is not None])
     methods = list(methods)
     for m in methods:
         if m not in METHODS:
             raise ValueError(f"unknown attribution method {m!r}; valid methods: {', '.join(METHODS)}")
+        why = method_not_applicable(detector, m)
+        if why is not None:
+            raise ValueError(f"attribution method {m}: {why}; leave it out of methods")
     if "importance" in methods and importance_model is None:
         raise ValueError("methods include 'importance' but importance_model is None; pass the Stage-2 XAI model")
     if batch_size < 1:

@@ -14,7 +14,7 @@ import torch
 
 from xai_lib import plots
 from xai_lib.explanation.methods import METHODS
-from xai_lib.explanation.evaluation import evaluate_methods
+from xai_lib.explanation.evaluation import applicable_methods, evaluate_methods, method_not_applicable
 
 __all__ = [
     "STAGE3_KEYS",
@@ -145,9 +145,13 @@ def run_stage3(
 
     Returns:
         The ``metrics.json["stage3"]`` values: ``{"methods": {NAME: {STAGE3_KEYS..., "calibrated"}},
-        "num_utterances", "figures", "removal"}``.
+        "num_utterances", "figures", "removal"}``, and ``"not_applicable": {NAME: reason}`` for
+        the methods left out because they cannot explain this detector (e.g. ``attention_rollout``
+        on an AASIST back end).
     """
     methods = [m for m in methods if m != "importance" or xai is not None]
+    not_applicable = {m: why for m in methods if (why := method_not_applicable(detector, m)) is not None}
+    methods = applicable_methods(detector, methods)
     fig_dir = Path(run_dir) / "figures"
     reference = getattr(xai, "removal_reference", None)
     results = evaluate_methods(
@@ -181,6 +185,8 @@ def run_stage3(
     log.info("Stage 3 metrics\n%s", metrics_table(table))
     out: dict[str, Any] = {"methods": table, "num_utterances": len(items), "figures": figures,
                            "removal": "bonafide" if reference is not None else "zero"}
+    if not_applicable:
+        out["not_applicable"] = not_applicable
     if calibration_items:
         calibrated = calibrate_methods(detector, xai, methods, results, items, calibration_items, whole_items,
                                        false_flag_rate, method_kwargs, seed)

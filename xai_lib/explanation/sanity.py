@@ -91,10 +91,14 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 #: The randomisation cascade, top first: (level name, attribute paths re-initialised at that level).
-#: Paths that a detector lacks are skipped; a level with none of its paths is dropped.
+#: Paths that a detector lacks are skipped; a level with none of its paths is dropped. The TCM
+#: paths come first, then the AASIST ones (``model.backend: aasist``).
+_AASIST_BACKEND = ("HtrgGAT_layer_ST11", "HtrgGAT_layer_ST12", "HtrgGAT_layer_ST21", "HtrgGAT_layer_ST22",
+                   "master1", "master2", "pool_S", "pool_T", "pool_hS1", "pool_hT1", "pool_hS2", "pool_hT2",
+                   "GAT_layer_S", "GAT_layer_T", "pos_S", "attention", "first_bn1", "encoder")
 DEFAULT_LEVELS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("classifier", ("conformer.fc5",)),
-    ("backend", ("conformer.encoder_blocks", "conformer.class_token", "LL", "first_bn")),
+    ("classifier", ("conformer.fc5", "out_layer")),
+    ("backend", ("conformer.encoder_blocks", "conformer.class_token", "LL", "first_bn", *_AASIST_BACKEND)),
     ("ssl_transformer", ("ssl_model.encoder", "ssl_model.feature_projection")),
     ("ssl_conv", ("ssl_model.feature_extractor",)),
 )
@@ -774,7 +778,7 @@ def run_sanity(
         method's ``metrics.json["stage3"]["methods"][NAME]["restoration"]``.
     """
     from xai_lib.explanation.calibration import frame_threshold
-    from xai_lib.explanation.evaluation import attribute_items
+    from xai_lib.explanation.evaluation import applicable_methods, attribute_items
     from xai_lib.explanation.metrics import localization_metrics
 
     if detector.training:
@@ -784,6 +788,7 @@ def run_sanity(
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ValueError(f"unknown attribution method(s) {unknown}; valid methods: {', '.join(METHODS)}")
+    methods = applicable_methods(detector, methods)  # e.g. no attention_rollout on an AASIST back end
     items = list(items)
     if not items:
         raise ValueError("run_sanity needs at least one item")

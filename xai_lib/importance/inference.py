@@ -65,11 +65,15 @@ def representation_dim(detector: nn.Module, kind: str) -> int:
 
     Args:
         detector: a Stage-1 :class:`~xai_lib.detector.model.Detector`.
-        kind: ``"ssl"`` (SSL front-end output, ``D = ssl_dim``) or ``"backend"`` (the last
-            Conformer block's frame tokens, ``D = emb_size``).
+        kind: ``"ssl"`` (SSL front-end output, ``D = ssl_dim``) or ``"backend"`` (the back
+            end's frame tokens, ``D = frame_token_dim``: TCM, the last Conformer block's frame
+            outputs, ``emb_size``; AASIST, the temporal node features of each 3-frame step,
+            ``model.aasist.encoder_channels[-1]``).
     """
     _check_kind(kind)
-    return int(detector.ssl_dim if kind == "ssl" else detector.emb_size)
+    if kind == "ssl":
+        return int(detector.ssl_dim)
+    return int(getattr(detector, "frame_token_dim", None) or detector.emb_size)
 
 
 def context_options(xai_cfg: Any) -> dict[str, Any]:
@@ -97,8 +101,9 @@ def extract_representation(
         wave: (B, L) float waveform at 16 kHz, right-padded.
         lengths: (B,) valid samples; ``None`` = all ``L``.
         kind: ``"ssl"``: ``h`` is the SSL output; ``"backend"``: ``h`` is the back end's frame
-            tokens (last Conformer block, class token removed), computed from the same SSL
-            features.
+            tokens (TCM: the last Conformer block, class token removed; AASIST: the temporal node
+            features, each 3-frame step repeated over its frames, 0 on the last ``T % 3`` frames
+            the back end never sees), computed from the same SSL features.
         context_s: ``None``: ``h`` is computed from the whole utterance, as the detector scores
             it; seconds: from windows of that much audio
             (:meth:`~xai_lib.detector.model.Detector.windowed_frontend`), so that a frame's
