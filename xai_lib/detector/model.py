@@ -444,6 +444,15 @@ class TCMConformer(nn.Module):
         ff_mult: feed-forward expansion.
         dropout: dropout inside the blocks.
         max_positions: rows of the fixed sinusoid table (longest sequence in frames).
+
+    Attributes:
+        gradcam_tap: ``nn.Identity`` applied to the frame tokens entering the **last** block,
+            laid out (B, E, T), on the path to the logits (Grad-CAM's layer). The logits come
+            from the last block's class token (``fc5``), which reads that block's input frames
+            through its attention (and their neighbours through its convolution) but never the
+            block's own frame outputs, so those get zero gradient; the frames entering the last
+            block (the second-to-last block's output, or neck + positions with one block) are
+            the last temporal features the decision depends on.
     """
 
     def __init__(
@@ -465,6 +474,9 @@ class TCMConformer(nn.Module):
             [ConformerBlock(emb_size, heads, kernel_size, ff_mult, dropout) for _ in range(num_encoders)]
         )
         self.fc5 = nn.Linear(emb_size, 2)
+        # Grad-CAM's layer (xai_lib.explanation.methods, "grad_cam"): parameter-free, so no
+        # state-dict key and no change to any computation; see forward() for where it sits.
+        self.gradcam_tap = nn.Identity()
 
     def forward(
         self, x: Tensor, frame_mask: Tensor | None = None, output_attentions: bool = False
@@ -492,7 +504,14 @@ class TCMConformer(nn.Module):
         if frame_mask is not None:
             token_mask = torch.cat([frame_mask.new_ones(B, 1), frame_mask], dim=1)  # (B, 1 + T)
         attentions: list[Tensor] = []
-        for block in self.encoder_blocks:
+        last = len(self.encoder_blocks) - 1
+        for i, block in enumerate(self.encoder_blocks):
+            if i == last:
+                # Grad-CAM tap on the frame tokens entering the last block, (B, E, T): the last
+                # block's own frame outputs never reach fc5 (it reads the class token only), so
+                # its input is the last temporal layer on the path to the logits.
+                frames = self.gradcam_tap(x[:, 1:].transpose(1, 2)).transpose(1, 2)  # (B, T, E)
+                x = torch.cat([x[:, :1], frames], dim=1)
             x, attn = block(x, token_mask, output_attentions)
             if attn is not None:
                 attentions.append(attn)
@@ -726,6 +745,14 @@ class DetectorBackEnd(nn.Module):
     def frame_token_dim(self) -> int:
         """Width of :attr:`BackendOutput.frame_tokens` (the ``backend`` representation of Stage 2)."""
         return int(self.emb_size)
+
+    @property
+    def gradcam_tap(self) -> nn.Module:
+        """Grad-CAM's layer: ``conformer.gradcam_tap``, (B, E, T) frame tokens entering the last block."""
+        return self.conformer.gradcam_tap
+
+    #: detector frames per step of the tapped time axis (TCM: one token per 20 ms frame)
+    gradcam_frames_per_step: int = 1
 
 
 class Detector(nn.Module):
