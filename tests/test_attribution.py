@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from xai_lib.explanation.methods import (
+    METHOD_REGISTRY,
     METHODS,
     Attributor,
     FrameAttribution,
@@ -21,7 +22,8 @@ from xai_lib.detector.model import Detector
 
 from conftest import tiny_model_dict
 
-DETERMINISTIC = ("importance", "integrated_gradients", "saliency", "occlusion", "attention_rollout")
+DETERMINISTIC = ("importance", "integrated_gradients", "saliency", "occlusion", "attention_rollout", "grad_cam",
+                 "grad_cam_minmax05")
 FAST_KW = {"integrated_gradients": {"n_steps": 4}, "occlusion": {"perturbations_per_eval": 12}}
 
 
@@ -234,3 +236,117 @@ def test_occlusion_and_saliency_on_linear_toy_model_are_exact():
     sal = attribute(toy, wave, method="saliency", target=0)
     expected = pool_to_frames(toy.weight[:1].detach().abs(), n)
     torch.testing.assert_close(sal.scores.double(), expected, rtol=1e-4, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- Grad-CAM
+
+
+def test_method_list_has_grad_cam_and_its_min_max_variant():
+    assert METHODS == ("importance", "integrated_gradients", "saliency", "occlusion", "attention_rollout", "grad_cam",
+                       "grad_cam_minmax05", "random")
+    assert METHOD_REGISTRY["grad_cam"].gradient and METHOD_REGISTRY["grad_cam"].fixed_threshold is None
+    assert METHOD_REGISTRY["grad_cam_minmax05"].fixed_threshold == 0.5
+    assert all(METHOD_REGISTRY[m].fixed_threshold is None for m in METHODS if m != "grad_cam_minmax05")
+
+
+def test_tcm_tap_adds_no_state_and_sits_on_the_path_to_the_logits(detector, batch):
+    wave, lengths = batch
+    assert isinstance(detector.gradcam_tap, nn.Identity) and detector.gradcam_frames_per_step == 1
+    assert not any("gradcam" in k for k in detector.state_dict()), "the tap must not add checkpoint keys"
+    seen = []
+    handle = detector.gradcam_tap.register_forward_hook(lambda mod, inp, out: seen.append(out))
+    try:
+        out = detector(wave, lengths)
+    finally:
+        handle.remove()
+    T = int(detector.num_frames(torch.tensor([wave.shape[1]])))
+    assert len(seen) == 1 and seen[0].shape == (2, detector.emb_size, T)  # (B, E, T): channels on dim 1
+    logit = out.logits[:, 0].sum()
+    g_tap, g_last = torch.autograd.grad(logit, [seen[0], out.frame_tokens], allow_unused=True)
+    assert g_tap is not None and g_tap.abs().sum() > 0, "the tapped features must reach the logits"
+    # why the tap is not on the last block's output: fc5 reads the class token only
+    assert g_last is None or g_last.abs().sum() == 0
+
+
+def _hand_grad_cam(detector, wave, lengths, target):
+    """Grad-CAM by hand from a hook on the tap: ReLU(sum_c mean_valid_t(dy/dA_c) * A_c(t))."""
+    seen = []
+    handle = detector.gradcam_tap.register_forward_hook(lambda mod, inp, out: seen.append(out))
+    try:
+        with torch.enable_grad():
+            logits = detector(wave, lengths).logits
+            (grad,) = torch.autograd.grad(logits[:, target].sum(), seen[0])  # (B, E, T)
+    finally:
+        handle.remove()
+    act = seen[0].detach()
+    n = detector.num_frames(lengths)
+    valid = (torch.arange(act.shape[-1])[None, :] < n[:, None]).float()  # (B, T)
+    weights = (grad * valid[:, None]).sum(-1) / n[:, None]  # (B, E): mean over the valid frames
+    return torch.relu((weights[:, :, None] * act).sum(1)) * valid  # (B, T)
+
+
+@pytest.mark.parametrize("target", [0, 1])
+def test_grad_cam_equals_weights_times_activations_from_hooks(detector, batch, target):
+    wave, lengths = batch
+    expected = _hand_grad_cam(detector, wave, lengths, target)  # autograd.grad: no .grad left on parameters
+    att = attribute(detector, wave, lengths, method="grad_cam", target=target)
+    torch.testing.assert_close(att.scores, expected, rtol=1e-4, atol=1e-6)
+    assert (att.scores[att.valid_mask] > 0).any() and (att.scores >= 0).all()
+    signed = attribute(detector, wave, lengths, method="grad_cam", target=target, relu=False)
+    assert (signed.scores < 0).any() and torch.equal(signed.scores.clamp_min(0), att.scores)
+
+
+def test_grad_cam_minmax05_is_per_utterance_min_max_with_the_fixed_threshold(detector, batch):
+    wave, lengths = batch
+    raw = attribute(detector, wave, lengths, method="grad_cam")
+    mm = attribute(detector, wave, lengths, method="grad_cam_minmax05")
+    assert mm.extras["fixed_threshold"] == 0.5
+    for b, n in enumerate(mm.lengths.tolist()):
+        s = mm.scores[b, :n]
+        assert float(s.min()) == 0.0 and float(s.max()) == pytest.approx(1.0)
+        assert (mm.scores[b, n:] == 0).all()
+    torch.testing.assert_close(mm.scores, raw.normalized().scores)
+
+
+class TapToy(nn.Module):
+    """A "detector" with a tap on (B, 2, T') features, T' = ceil(T / 2) (2 frames per step):
+    logits = W @ mean_t'(A), so Grad-CAM is ReLU(sum_c W[target, c] / T' * A_c(t')) exactly."""
+
+    frame_hop_s = 0.02
+    gradcam_frames_per_step = 2
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.tensor([[1.0, -2.0], [-0.5, 1.5]]))
+        self.gradcam_tap = nn.Identity()
+
+    def num_frames(self, lengths):
+        return torch.as_tensor(lengths, dtype=torch.long) // 320
+
+    def features(self, wave):
+        T = wave.shape[1] // 320
+        frames = wave[:, : T * 320].reshape(wave.shape[0], T, 320).mean(-1)  # (B, T)
+        steps = nn.functional.pad(frames, (0, T % 2)).reshape(wave.shape[0], -1, 2).mean(-1)  # (B, T')
+        return torch.stack([steps, steps ** 2], dim=1)  # (B, 2, T')
+
+    def forward(self, wave, lengths=None, output_attentions=False):
+        a = self.gradcam_tap(self.features(wave))
+        return SimpleNamespace(logits=a.mean(-1) @ self.weight.T, attentions=None)
+
+
+def test_grad_cam_steps_cover_their_frames_on_a_toy_with_a_known_answer():
+    toy = TapToy().eval()
+    wave = 0.5 + 0.3 * torch.randn(1, 7 * 320, generator=torch.Generator().manual_seed(4))  # T = 7, T' = 4
+    att = attribute(toy, wave, method="grad_cam", target=1)
+    a = toy.features(wave)  # (1, 2, 4)
+    expected_steps = torch.relu((toy.weight[1].detach()[None, :, None] / 4 * a).sum(1))  # (1, 4)
+    expected = expected_steps.repeat_interleave(2, dim=1)[:, :7]  # each step over its 2 frames, trimmed to T
+    assert att.scores.shape == (1, 7) and att.extras["gradcam_steps"] == 4
+    torch.testing.assert_close(att.scores, expected.detach())
+    assert toy.weight.grad is None
+
+
+def test_grad_cam_without_a_tap_is_a_clear_error():
+    toy = ToyDetector(3200).eval()
+    with pytest.raises(ValueError, match="gradcam_tap"):
+        attribute(toy, torch.zeros(1, 3200), method="grad_cam")

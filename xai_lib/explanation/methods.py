@@ -39,6 +39,29 @@ Methods
     attention (they are masked keys), so padding does not change the valid frames' scores.
     The TCM's direct addition of the frame mean to the class token is not an attention
     path and is not part of the rollout. Class-agnostic (``target`` is recorded only).
+``grad_cam``
+    Grad-CAM (Selvaraju et al., 2017) with ``captum.attr.LayerGradCam`` on the back end's
+    last temporal layer: the detector's ``gradcam_tap``, a parameter-free ``nn.Identity``
+    the back end calls on its last temporal features laid out (B, C, T'), on the path to
+    the logits (TCM: the frame tokens entering the last Conformer block, whose class token
+    alone feeds ``fc5``; see :class:`~xai_lib.detector.model.TCMConformer`). The weight of
+    channel c is the gradient of the target logit averaged over the utterance's valid steps,
+    and the score of step t is ``ReLU(sum_c weight_c * activation_c(t))`` (``relu=True``,
+    the original Grad-CAM and the WeDefense practice; ``relu=False`` keeps the signed map).
+    One forward and one backward through the back end only: the SSL features are computed
+    without gradient. captum averages the gradient over all T' steps of the padded batch;
+    the gradient of a padded step is 0 in a back end that masks padding (TCM), so the map is
+    multiplied by ``T' / valid steps``, which makes it the utterance's map alone. A step
+    covers ``gradcam_frames_per_step`` detector frames (TCM: 1) and is repeated over them;
+    the result is trimmed/zero-padded to T. Raw scores, not normalised: calibrated like
+    every other method.
+``grad_cam_minmax05``
+    The peer practice (WeDefense): the ``grad_cam`` map min-max normalised per utterance
+    (over its valid frames; a constant map becomes 0) with the **fixed** frame threshold
+    0.5 (:attr:`AttributionMethod.fixed_threshold`, recorded in ``extras["fixed_threshold"]``)
+    instead of a calibrated one. Kept beside ``grad_cam`` so that the Stage-3 tables show
+    what the label-free calibration changes: min-max makes every recording, bona fide ones
+    included, reach 1 somewhere.
 ``random``
     Seeded uniform scores in [0, 1) (``seed`` kwarg), the floor any explanation must beat.
 
@@ -56,7 +79,8 @@ Guarantees: the detector is run in ``eval()`` (a detector passed in training mod
 switched to eval for the call and switched back, with a warning), its parameters and
 buffers are never modified and no ``.grad`` is left on them: gradients are taken w.r.t.
 the input waveform only (parameters' ``requires_grad`` is switched off for the call and
-restored afterwards). Gradient-free methods run under ``torch.no_grad()``.
+restored afterwards; Grad-CAM takes them w.r.t. its tap's output). Gradient-free methods
+run under ``torch.no_grad()``.
 """
 from __future__ import annotations
 
@@ -68,6 +92,7 @@ from typing import Any, Callable, Iterator, Mapping, Protocol, runtime_checkable
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = [
@@ -83,7 +108,9 @@ __all__ = [
     "Attributor",
     "attribute",
     "pool_to_frames",
+    "minmax_per_utterance",
     "attention_rollout",
+    "gradcam_layer",
     "synchronize",
 ]
 
@@ -147,14 +174,27 @@ class FrameAttribution:
 
         A constant utterance becomes all 0; padded frames stay 0.
         """
-        valid = self.valid_mask
-        s = self.scores
-        lo = torch.where(valid, s, torch.full_like(s, float("inf"))).amin(dim=1, keepdim=True)  # (B, 1)
-        hi = torch.where(valid, s, torch.full_like(s, float("-inf"))).amax(dim=1, keepdim=True)
-        span = hi - lo
-        ok = torch.isfinite(span) & (span > 0)
-        out = torch.where(ok, (s - lo) / torch.where(ok, span, torch.ones_like(span)), torch.zeros_like(s))
-        return replace(self, scores=out * valid.to(out.dtype), extras=dict(self.extras))
+        return replace(self, scores=minmax_per_utterance(self.scores, self.lengths), extras=dict(self.extras))
+
+
+def minmax_per_utterance(scores: Tensor, n_frames: Tensor) -> Tensor:
+    """Each row min-max scaled to [0, 1] over its first ``n_frames[b]`` frames.
+
+    Args:
+        scores: (B, T) frame scores.
+        n_frames: (B,) valid frames per row.
+
+    Returns:
+        (B, T): a constant row becomes all 0; padded frames are 0.
+    """
+    s = scores
+    valid = torch.arange(s.shape[1], device=s.device)[None, :] < torch.as_tensor(n_frames, device=s.device)[:, None]
+    lo = torch.where(valid, s, torch.full_like(s, float("inf"))).amin(dim=1, keepdim=True)  # (B, 1)
+    hi = torch.where(valid, s, torch.full_like(s, float("-inf"))).amax(dim=1, keepdim=True)
+    span = hi - lo
+    ok = torch.isfinite(span) & (span > 0)
+    out = torch.where(ok, (s - lo) / torch.where(ok, span, torch.ones_like(span)), torch.zeros_like(s))
+    return out * valid.to(out.dtype)
 
 
 # ----------------------------------------------------------------------------- pooling
@@ -329,15 +369,16 @@ class Attributor:
             **kwargs: method options: ``integrated_gradients``: ``n_steps`` (50),
                 ``internal_batch_size`` (default B x min(n_steps, 10)), ``ig_method``
                 ("gausslegendre"); ``saliency``: ``abs`` (True); ``occlusion``:
-                ``perturbations_per_eval`` (4 frames ablated per forward); ``random``:
-                ``seed`` (0).
+                ``perturbations_per_eval`` (4 frames ablated per forward); ``grad_cam`` and
+                ``grad_cam_minmax05``: ``relu`` (True); ``random``: ``seed`` (0).
 
         Returns:
             :class:`FrameAttribution` with scores (B, T), T = the detector's frame count for L.
 
         Raises:
-            ValueError: unknown method/option, bad target or shapes, or ``importance``
-                without an importance model.
+            ValueError: unknown method/option, bad target or shapes, ``importance``
+                without an importance model, or ``grad_cam`` on a detector without a
+                ``gradcam_tap``.
         """
         spec = METHOD_REGISTRY.get(method)
         if spec is None:
@@ -449,6 +490,10 @@ class AttributionMethod:
         defaults: the options it accepts, with their defaults (anything else is an error).
         gradient: whether it backpropagates through the detector.
         description: one line for tables and the README.
+        fixed_threshold: a frame threshold the method comes with, used as it is (no
+            calibration; ``grad_cam_minmax05``: 0.5 on per-utterance min-max scores);
+            ``None``: calibrated on bona fide dev frames like every method
+            (:mod:`xai_lib.explanation.calibration`).
     """
 
     name: str
@@ -456,6 +501,7 @@ class AttributionMethod:
     defaults: Mapping[str, Any]
     gradient: bool
     description: str
+    fixed_threshold: float | None = None
 
 
 def _importance(attributor: Attributor, b: AttributionBatch, opts: Mapping[str, Any]) -> Tensor:
@@ -516,6 +562,66 @@ def _attention_rollout(attributor: Attributor, b: AttributionBatch, opts: Mappin
     return attention_rollout(out.attentions, b.num_frames)
 
 
+def gradcam_layer(detector: nn.Module) -> tuple[nn.Module, int]:
+    """The detector's Grad-CAM layer and how many detector frames one of its time steps covers.
+
+    The back end's contract: a parameter-free ``gradcam_tap`` module (``nn.Identity``) called
+    on its last temporal features laid out (B, C, T'), on the path to the logits, and an
+    integer ``gradcam_frames_per_step``. Looked up on the detector, else on the one submodule
+    that has them.
+
+    Raises:
+        ValueError: the detector has no ``gradcam_tap`` (or several candidates).
+    """
+    owners = [detector] if isinstance(getattr(detector, "gradcam_tap", None), nn.Module) else [
+        m for m in detector.modules() if isinstance(getattr(m, "gradcam_tap", None), nn.Module)]
+    if len(owners) != 1:
+        raise ValueError(
+            f"method 'grad_cam' needs a back end with a `gradcam_tap`: a parameter-free nn.Identity called on its "
+            f"last temporal features (B, C, T') on the path to the logits, and an integer `gradcam_frames_per_step`; "
+            f"{type(detector).__name__} has {'none' if not owners else f'{len(owners)} candidates'}. "
+            f"Pick another method ({', '.join(m for m in METHODS if not m.startswith('grad_cam'))}) or add the tap."
+        )
+    owner = owners[0]
+    fps = int(getattr(owner, "gradcam_frames_per_step", 1))
+    if fps < 1:
+        raise ValueError(f"{type(owner).__name__}.gradcam_frames_per_step must be >= 1, got {fps}")
+    return owner.gradcam_tap, fps
+
+
+def _grad_cam(attributor: Attributor, b: AttributionBatch, opts: Mapping[str, Any]) -> Tensor:
+    from captum.attr import LayerGradCam
+
+    det = attributor.detector
+    tap, per_step = gradcam_layer(det)
+    if hasattr(det, "frontend") and hasattr(det, "backend"):  # no graph through the SSL front end
+        with torch.no_grad():
+            feats, mask = det.frontend(b.wave, b.lengths)  # (B, T, D), (B, T)
+        inputs, args = feats.detach(), (mask,)
+
+        def forward(f: Tensor, m: Tensor) -> Tensor:
+            return det.backend(f, m).logits
+    else:
+        inputs, args, forward = b.wave, (b.lengths,), attributor._logits
+    cam = LayerGradCam(forward, tap).attribute(
+        inputs, target=b.target, additional_forward_args=args, relu_attributions=bool(opts["relu"]),
+    )  # (B, 1, T'): sum_c mean_t'(grad_c) * act_c(t'), ReLU'd
+    if cam.dim() != 3 or cam.shape[1] != 1:
+        raise RuntimeError(f"gradcam_tap must see (B, C, T') features; Grad-CAM came out {tuple(cam.shape)}")
+    cam = cam[:, 0].detach()  # (B, T')
+    steps = cam.shape[1]
+    valid_steps = torch.div(b.n_frames + per_step - 1, per_step, rounding_mode="floor").clamp(1, steps)  # (B,)
+    cam = cam * (steps / valid_steps.to(cam.dtype))[:, None]  # captum's mean over T' -> over the valid steps
+    frames = cam.repeat_interleave(per_step, dim=1)[:, : b.num_frames]  # (B, <= T)
+    b.extras["gradcam_steps"] = steps
+    return F.pad(frames, (0, b.num_frames - frames.shape[1]))  # (B, T)
+
+
+def _grad_cam_minmax(attributor: Attributor, b: AttributionBatch, opts: Mapping[str, Any]) -> Tensor:
+    b.extras["fixed_threshold"] = METHOD_REGISTRY["grad_cam_minmax05"].fixed_threshold
+    return minmax_per_utterance(_grad_cam(attributor, b, opts), b.n_frames)
+
+
 def _random(attributor: Attributor, b: AttributionBatch, opts: Mapping[str, Any]) -> Tensor:
     gen = torch.Generator().manual_seed(int(opts["seed"]))
     return torch.rand(b.wave.shape[0], b.num_frames, generator=gen)
@@ -533,6 +639,11 @@ METHOD_REGISTRY: dict[str, AttributionMethod] = {
         AttributionMethod("occlusion", _occlusion, {"perturbations_per_eval": 4}, False,
                           "captum FeatureAblation of 20 ms frames (silenced)"),
         AttributionMethod("attention_rollout", _attention_rollout, {}, False, "attention rollout of the TCM blocks"),
+        AttributionMethod("grad_cam", _grad_cam, {"relu": True}, True,
+                          "captum LayerGradCam on the back end's last temporal layer, ReLU"),
+        AttributionMethod("grad_cam_minmax05", _grad_cam_minmax, {"relu": True}, True,
+                          "Grad-CAM min-max per utterance, fixed threshold 0.5 (WeDefense practice, not calibrated)",
+                          fixed_threshold=0.5),
         AttributionMethod("random", _random, {"seed": 0}, False, "seeded uniform scores (the floor)"),
     )
 }
