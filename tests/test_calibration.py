@@ -118,3 +118,36 @@ def test_removing_every_frame_leaves_a_bona_fide_reference_utterance(detector):
     # stored in a checkpoint and read back without pickled objects
     again = BonafideReference.from_state(ref.to_state())
     torch.testing.assert_close(again.features, ref.features)
+
+
+def test_stage3_calibrates_grad_cam_and_keeps_the_min_max_variant_at_its_fixed_threshold(detector, tmp_path):
+    from xai_lib.explanation.evaluation import attribute_items
+    from xai_lib.explanation.report import calibrated_table, run_stage3
+
+    rng = np.random.default_rng(2)
+
+    def item(i: int, n: int, label: int, spoofed: slice | None) -> dict:
+        mask = np.zeros(int(detector.num_frames(torch.tensor([n]))), dtype=bool)
+        if spoofed is not None:
+            mask[spoofed] = True
+        return {"utt_id": f"u{i}", "wave": 0.1 * rng.standard_normal(n).astype(np.float32), "spoof_mask": mask,
+                "label": label, "attack": "A01" if label == 0 else None}
+
+    items = [item(0, 6400, 0, slice(3, 9)), item(1, 5600, 0, slice(10, 15))]
+    calibration = [item(2, 6400, 1, None), item(3, 4800, 1, None)]
+    whole = [item(4, 5600, 1, None), item(5, 4800, 0, slice(0, None))]
+    methods = ["grad_cam", "grad_cam_minmax05", "random"]
+    out = run_stage3(detector, None, items, tmp_path, methods=methods, num_figures=0, progress=False,
+                     calibration_items=calibration, whole_items=whole, false_flag_rate=0.05)
+    rows = out["methods"]
+    assert list(rows) == methods
+    cal = attribute_items(detector, None, calibration, ["grad_cam"])["grad_cam"]
+    assert rows["grad_cam"]["calibrated"]["threshold"] == pytest.approx(frame_threshold(cal, 0.05))
+    assert rows["grad_cam"]["calibrated"]["threshold_source"] == "calibrated"
+    fixed = rows["grad_cam_minmax05"]["calibrated"]
+    assert fixed["threshold"] == 0.5 and fixed["threshold_source"] == "fixed"
+    assert fixed["false_flag_rate"] is not None and fixed["f1"] is not None
+    # the same utterances, ranked the same way within each: equal deletion AUC, other answers at the threshold
+    assert rows["grad_cam_minmax05"]["deletion_auc"] == pytest.approx(rows["grad_cam"]["deletion_auc"])
+    table = calibrated_table(rows)
+    assert "| grad_cam | " in table and "| grad_cam_minmax05 | 0.500 (fixed) |" in table

@@ -217,7 +217,8 @@ def test_every_method_on_the_tiny_detector_leaves_it_untouched(detector):
     res = evaluate_methods(detector, SSLImportance(), items, steps=4, batch_size=2, progress=False,
                            method_kwargs={"integrated_gradients": {"n_steps": 2},
                                           "occlusion": {"perturbations_per_eval": 16}})
-    assert list(res) == ["importance", "integrated_gradients", "saliency", "occlusion", "attention_rollout", "random"]
+    assert list(res) == ["importance", "integrated_gradients", "saliency", "occlusion", "attention_rollout", "grad_cam",
+                         "grad_cam_minmax05", "random"]
     for method, r in res.items():
         for key in ("deletion_auc", "insertion_auc", "loc_auc", "loc_eer", "pointing_game"):
             assert r[key] is not None and math.isfinite(r[key]), (method, key)

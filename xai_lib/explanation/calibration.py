@@ -10,6 +10,10 @@ recording. The threshold here needs no frame labels:
 so about ``alpha`` (the false-flag rate, default 1 %) of genuine speech is flagged, on
 ASVspoof, In-the-Wild or PartialSpoof alike. Scores are never re-normalised per utterance:
 min-max scaling makes every recording, genuine ones included, show "important" frames.
+The one exception is kept for comparison and labelled: ``grad_cam_minmax05`` (the WeDefense
+practice, per-utterance min-max Grad-CAM) declares a fixed threshold of 0.5
+(``AttributionMethod.fixed_threshold``), used as it is and measured with the same metrics
+(:func:`xai_lib.explanation.report.calibrate_methods`, ``threshold_source`` "fixed").
 
 Metrics of the answer at tau (:func:`calibrated_metrics`): the false-flag rate on bona fide
 utterances, and frame precision, recall, F1 and IoU of "score > tau" against the spoofed
@@ -40,7 +44,7 @@ log = logging.getLogger(__name__)
 
 RESOLUTIONS_S = (0.02, 0.04, 0.08, 0.16, 0.32, 0.64)  # PartialSpoof segment resolutions
 STORED_ALPHAS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1)  # thresholds kept for other false-flag rates
-CALIBRATED_KEYS = ("threshold", "false_flag_rate", "precision", "recall", "f1", "iou", "frame_eer_by_resolution")
+CALIBRATED_KEYS = ("threshold", "threshold_source", "false_flag_rate", "precision", "recall", "f1", "iou", "frame_eer_by_resolution")
 
 
 def _flat(scores: Sequence[np.ndarray]) -> np.ndarray:

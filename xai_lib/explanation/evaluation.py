@@ -1,7 +1,8 @@
 """Evaluate every attribution method on the same utterances.
 
 For each method of :data:`xai_lib.explanation.methods.METHODS` (the learned importance, the captum
-baselines, attention rollout and the random floor) :func:`evaluate_methods` measures
+baselines, attention rollout, Grad-CAM and its min-max variant, and the random floor)
+:func:`evaluate_methods` measures
 
 * **faithfulness**: deletion and insertion curves of the frozen detector's spoof
   probability (:func:`xai_lib.explanation.metrics.deletion_insertion`) on the utterances

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from xai_lib import plots
-from xai_lib.explanation.methods import METHODS
+from xai_lib.explanation.methods import METHOD_REGISTRY, METHODS
 from xai_lib.explanation.evaluation import applicable_methods, evaluate_methods, method_not_applicable
 
 __all__ = [
@@ -141,7 +141,8 @@ def run_stage3(
     stored with ``xai``, else zeroing). With ``calibration_items`` (bona fide dev utterances),
     every method is calibrated the same way on its raw scores (:mod:`xai_lib.explanation.calibration`)
     and measured at its threshold on ``items`` (partially spoofed) and ``whole_items`` (bona fide
-    and fully spoofed utterances of the same split).
+    and fully spoofed utterances of the same split); a method with a fixed threshold
+    (``grad_cam_minmax05``: 0.5 on per-utterance min-max scores) is measured at that one.
 
     Returns:
         The ``metrics.json["stage3"]`` values: ``{"methods": {NAME: {STAGE3_KEYS..., "calibrated"}},
@@ -214,26 +215,35 @@ def calibrate_methods(
 ) -> dict[str, dict[str, Any]]:
     """Every method calibrated on its raw scores of ``calibration_items`` and measured at its threshold.
 
+    A method that comes with a fixed threshold (:attr:`~xai_lib.explanation.methods.AttributionMethod.fixed_threshold`,
+    ``grad_cam_minmax05``: 0.5 on per-utterance min-max scores) is measured at that threshold
+    instead, with the same metrics, and is not attributed on ``calibration_items``.
+
     Returns:
-        ``{method: {"threshold", "false_flag_rate", "precision", "recall", "f1", "iou",
-        "frame_eer_by_resolution", "f1_per_attack"}}``: the false-flag rate over the bona fide
-        ``whole_items``, precision/recall/F1/IoU over ``items`` (and F1 over each attack's),
-        the pooled segment EER over ``items`` and ``whole_items``.
+        ``{method: {"threshold", "threshold_source", "false_flag_rate", "precision", "recall",
+        "f1", "iou", "frame_eer_by_resolution", "f1_per_attack"}}``: ``threshold_source`` is
+        ``"calibrated"`` (the ``1 - false_flag_rate`` quantile of the bona fide calibration
+        frames) or ``"fixed"``; the false-flag rate over the bona fide ``whole_items``,
+        precision/recall/F1/IoU over ``items`` (and F1 over each attack's), the pooled segment
+        EER over ``items`` and ``whole_items``.
     """
     from xai_lib.explanation.calibration import calibrated_metrics, frame_eer_by_resolution, frame_threshold
     from xai_lib.explanation.evaluation import attribute_items
 
-    cal = attribute_items(detector, xai, calibration_items, methods, method_kwargs, seed=seed)
+    fixed = {m: METHOD_REGISTRY[m].fixed_threshold for m in methods}
+    cal = attribute_items(detector, xai, calibration_items, [m for m in methods if fixed[m] is None], method_kwargs,
+                          seed=seed)
     whole = attribute_items(detector, xai, whole_items, methods, method_kwargs, seed=seed) if whole_items else {}
     masks = [np.asarray(it["spoof_mask"], dtype=bool) for it in items]
     whole_masks = [np.asarray(it["spoof_mask"], dtype=bool) for it in whole_items]
     bona_rows = [i for i, it in enumerate(whole_items) if it.get("label") == 1]
     out = {}
     for m in methods:
-        tau = frame_threshold(cal[m], false_flag_rate)
+        tau = frame_threshold(cal[m], false_flag_rate) if fixed[m] is None else float(fixed[m])
         partial = results[m]["attributions"]
         extra = whole.get(m, [])
         values = calibrated_metrics(tau, [extra[i] for i in bona_rows], partial, masks)
+        values["threshold_source"] = "calibrated" if fixed[m] is None else "fixed"
         attacks = sorted({str(it.get("attack")) for it in items} - {"None", "-"})
         values["f1_per_attack"] = {
             a: calibrated_metrics(tau, [], [s for s, it in zip(partial, items) if str(it.get("attack")) == a],
@@ -247,7 +257,7 @@ def calibrate_methods(
 
 
 def calibrated_table(methods: Mapping[str, Mapping[str, Any]]) -> str:
-    """A markdown table of the calibrated answers, one row per method."""
+    """A markdown table of the calibrated answers, one row per method (a fixed threshold marked "(fixed)")."""
 
     def fmt(v: Any) -> str:
         return "–" if v is None else f"{v:.3f}"
@@ -259,8 +269,9 @@ def calibrated_table(methods: Mapping[str, Mapping[str, Any]]) -> str:
         if not c:
             continue
         eer = c["frame_eer_by_resolution"]
-        rows.append(f"| {m} | " + " | ".join(fmt(c[k]) for k in ("threshold", "false_flag_rate", "precision", "recall",
-                                                                    "f1", "iou"))
+        tau = fmt(c["threshold"]) + (" (fixed)" if c.get("threshold_source") == "fixed" else "")
+        rows.append(f"| {m} | {tau} | " + " | ".join(fmt(c[k]) for k in ("false_flag_rate", "precision", "recall",
+                                                                             "f1", "iou"))
                     + f" | {fmt(eer.get('0.02'))} | {fmt(eer.get('0.08'))} | {fmt(eer.get('0.32'))} |")
     return "\n".join(rows)
 
