@@ -17,7 +17,9 @@
 # **What it does.** Explains the frozen detector's *spoof* decisions on partially spoofed
 # utterances, whose spliced spans are known, with every method: the learned Stage-2
 # importance, captum's Integrated Gradients, saliency and 20 ms occlusion, attention rollout
-# over the TCM attention maps, and a random floor. Measures faithfulness (deletion / insertion
+# over the TCM attention maps, Grad-CAM on the back end's last temporal layer (and, labelled
+# `grad_cam_minmax05`, the peer practice of min-max per utterance with a fixed 0.5 threshold),
+# and a random floor. Measures faithfulness (deletion / insertion
 # AUC on the frozen detector), localisation (frame ROC-AUC, frame EER, pointing game) and
 # cost, draws the figures, runs sanity checks (model randomisation, counterfactual restoration,
 # waveform-domain deletion), and ends with the interactive viewer.
@@ -38,14 +40,14 @@ data_root: str = ""  # database root; empty: the one the run trained with
 overrides: list = []  # data.* overrides as KEY-equals-VALUE strings, on top of the run's data config
 run_dir: str = "outputs/lab"  # run directory of notebooks 01 and 02; receives figures and metrics
 split: str = "eval"  # partially spoofed subset to explain: dev or eval
-methods: list = ["importance", "integrated_gradients", "saliency", "occlusion", "attention_rollout", "random"]  # methods to compare
+methods: list = ["importance", "integrated_gradients", "saliency", "occlusion", "attention_rollout", "grad_cam", "grad_cam_minmax05", "random"]  # methods to compare
 num_utterances: int = 24  # partially spoofed utterances explained by every method
 calibration_utterances: int = 8  # bona fide dev utterances that calibrate every method's threshold (0: skip)
 false_flag_rate: float = 0.01  # share of bona fide frames allowed above each method's threshold
 ig_steps: int = 50  # Integrated Gradients steps
 sanity: bool = True  # sanity checks: model randomisation, counterfactual restoration, waveform-domain deletion
 sanity_utterances: int = 4  # partially spoofed utterances of the sanity checks (those the detector calls spoof first)
-sanity_methods: list = ["importance", "integrated_gradients", "saliency", "attention_rollout", "random"]  # occlusion: one detector pass per frame, add it when time allows
+sanity_methods: list = ["importance", "integrated_gradients", "saliency", "attention_rollout", "grad_cam", "random"]  # occlusion: one detector pass per frame, add it when time allows
 sanity_levels: int = 3  # randomisation levels from the top: classifier, back end, SSL transformer (4: + SSL conv encoder)
 sanity_ig_steps: int = 8  # Integrated Gradients steps in the sanity checks
 sanity_steps: int = 4  # deletion/insertion steps of the waveform-domain check (2 (steps + 1) detector passes per method)
@@ -115,7 +117,9 @@ display(Markdown(metrics_table(stage3["methods"])))
 # %% [markdown]
 # ## Calibrated answers: which frames are spoofed?
 # Each method's threshold is the 99th percentile of its raw scores over bona fide dev frames
-# (no frame labels needed), so about 1 % of genuine speech is flagged. At that threshold:
+# (no frame labels needed), so about 1 % of genuine speech is flagged; `grad_cam_minmax05` alone
+# keeps its fixed 0.5 on per-utterance min-max scores (marked "fixed"), to show what the
+# calibration changes. At that threshold:
 # the false-flag rate on bona fide utterances of this split, precision / recall / F1 / IoU of
 # the flagged frames against the spliced spans, and the PartialSpoof-style pooled segment EER
 # (bona fide, partially and fully spoofed utterances; 20 ms to 640 ms segments).

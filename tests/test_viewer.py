@@ -226,6 +226,13 @@ def test_from_detector_end_to_end(tiny_model_config, tmp_path):
     with pytest.raises(ValueError, match="unknown attribution method"):
         ImportanceViewer.from_detector(detector, items, methods=["gradcam"])
 
+    # Grad-CAM is offered; its min-max variant is drawn at its fixed 0.5, the plain one needs a calibration
+    v = ImportanceViewer.from_detector(detector, items, methods=("grad_cam", "grad_cam_minmax05"), save_dir=tmp_path)
+    assert v.thresholds == {"grad_cam_minmax05": 0.5} and v.current_scale == "minmax"
+    v.method.value = "grad_cam_minmax05"
+    assert v.current_scale == "absolute" and v.threshold.value == pytest.approx(0.5) and v.last_error is None
+    assert v.current_importance.max() == pytest.approx(1.0)
+
 
 # ----------------------------------------------------------------------------- calibrated scale, verdict, explain a file
 

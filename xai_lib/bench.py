@@ -19,7 +19,7 @@ the same partially spoofed eval utterances, in this process:
   ``evaluate_methods`` and times, per batch, the detector forward pass (no grad; median of
   3 passes, a single pass being short and noisy) and every method's attribution (device
   synchronised; a method whose first pass costs less than :data:`CHEAP_METHOD_FORWARDS`
-  forward passes -- the learned importance, saliency, attention rollout, random -- is timed
+  forward passes -- the learned importance, saliency, attention rollout, Grad-CAM, random -- is timed
   like the forward, as the median of 3 passes, so that both sides of its ratio are equally
   robust to a load spike). ``ms_per_utt`` is a repetition's attribution
   time divided by the utterances; ``cost_vs_forward`` is that divided by the *same

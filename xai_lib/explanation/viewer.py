@@ -402,14 +402,15 @@ class ImportanceViewer:
             sample_rate: sampling rate of the waves (16 kHz for the detector).
             threshold: initial threshold on the min-max scale.
             thresholds: ``{method: tau}`` calibrated thresholds (e.g. from
-                :func:`xai_lib.explain.run_calibrations`).
+                :func:`xai_lib.explain.run_calibrations`); a method with a fixed threshold
+                (``grad_cam_minmax05``: 0.5) gets that one unless given here.
             score_threshold: the verdict threshold; ``None``: the one stored with the detector.
 
         Raises:
             ValueError: an unknown method, ``"importance"`` without ``importance_model``.
         """
         from xai_lib.explain import Explainer, importance_calibration, score_threshold_of
-        from xai_lib.explanation.methods import METHODS, Attributor
+        from xai_lib.explanation.methods import METHOD_REGISTRY, METHODS, Attributor
 
         if methods is None:
             methods = [m for m in METHODS if m != "importance" or importance_model is not None]
@@ -428,6 +429,9 @@ class ImportanceViewer:
         calibration = importance_calibration(importance_model)
         if calibration is not None:
             taus.setdefault("importance", float(calibration["threshold"]))
+        for m in methods:  # a method that comes with its threshold (grad_cam_minmax05: 0.5 on its min-max scores)
+            if METHOD_REGISTRY[m].fixed_threshold is not None:
+                taus.setdefault(m, float(METHOD_REGISTRY[m].fixed_threshold))
         score_default = score_threshold is None
         if score_threshold is None:
             score_threshold, source = score_threshold_of(detector)
