@@ -336,3 +336,22 @@ def test_torchrun_gradients_equal_one_process(tmp_path):
     for name in g0:
         assert torch.equal(g0[name], g1[name]), name
         torch.testing.assert_close(g0[name], single[name], rtol=1e-3, atol=1e-6, msg=name)
+
+
+def test_grad_cam_on_aasist_is_batch_consistent_and_uses_whole_steps():
+    from xai_lib.explanation.methods import attribute
+
+    model = _tiny_aasist()
+    wave, lengths = _wave()
+    both = attribute(model, wave, lengths, method="grad_cam")
+    n = model.num_frames(lengths)
+    assert both.scores.shape == (3, int(n.max())) and torch.equal(both.lengths, n)
+    for b in range(3):
+        alone = attribute(model, wave[b: b + 1, : int(lengths[b])], None, method="grad_cam")
+        k = int(n[b])
+        scale = float(alone.scores.abs().max())
+        assert scale > 0
+        torch.testing.assert_close(both.scores[b, :k], alone.scores[0], atol=1e-3 * scale, rtol=1e-3)
+        whole = 3 * (k // 3)  # frames of no whole step (unseen by AASIST) and padding: 0
+        assert torch.all(both.scores[b, whole:] == 0)
+    assert all(p.grad is None for p in model.parameters())

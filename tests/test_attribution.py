@@ -309,8 +309,9 @@ def test_grad_cam_minmax05_is_per_utterance_min_max_with_the_fixed_threshold(det
 
 
 class TapToy(nn.Module):
-    """A "detector" with a tap on (B, 2, T') features, T' = ceil(T / 2) (2 frames per step):
-    logits = W @ mean_t'(A), so Grad-CAM is ReLU(sum_c W[target, c] / T' * A_c(t')) exactly."""
+    """A "detector" with a tap on (B, 2, T') features, T' = T // 2 (2 frames per step, an odd last
+    frame unseen, as AASIST's pool by 3): logits = W @ mean_t'(A), so Grad-CAM is
+    ReLU(sum_c W[target, c] / T' * A_c(t')) exactly."""
 
     frame_hop_s = 0.02
     gradcam_frames_per_step = 2
@@ -326,7 +327,7 @@ class TapToy(nn.Module):
     def features(self, wave):
         T = wave.shape[1] // 320
         frames = wave[:, : T * 320].reshape(wave.shape[0], T, 320).mean(-1)  # (B, T)
-        steps = nn.functional.pad(frames, (0, T % 2)).reshape(wave.shape[0], -1, 2).mean(-1)  # (B, T')
+        steps = frames[:, : 2 * (T // 2)].reshape(wave.shape[0], -1, 2).mean(-1)  # (B, T')
         return torch.stack([steps, steps ** 2], dim=1)  # (B, 2, T')
 
     def forward(self, wave, lengths=None, output_attentions=False):
@@ -336,12 +337,12 @@ class TapToy(nn.Module):
 
 def test_grad_cam_steps_cover_their_frames_on_a_toy_with_a_known_answer():
     toy = TapToy().eval()
-    wave = 0.5 + 0.3 * torch.randn(1, 7 * 320, generator=torch.Generator().manual_seed(4))  # T = 7, T' = 4
+    wave = 0.5 + 0.3 * torch.randn(1, 7 * 320, generator=torch.Generator().manual_seed(4))  # T = 7, T' = 3
     att = attribute(toy, wave, method="grad_cam", target=1)
-    a = toy.features(wave)  # (1, 2, 4)
-    expected_steps = torch.relu((toy.weight[1].detach()[None, :, None] / 4 * a).sum(1))  # (1, 4)
-    expected = expected_steps.repeat_interleave(2, dim=1)[:, :7]  # each step over its 2 frames, trimmed to T
-    assert att.scores.shape == (1, 7) and att.extras["gradcam_steps"] == 4
+    a = toy.features(wave)  # (1, 2, 3)
+    expected_steps = torch.relu((toy.weight[1].detach()[None, :, None] / 3 * a).sum(1))  # (1, 3)
+    expected = torch.cat([expected_steps.repeat_interleave(2, dim=1), torch.zeros(1, 1)], dim=1)  # frame 6: no step
+    assert att.scores.shape == (1, 7) and att.extras["gradcam_steps"] == 3
     torch.testing.assert_close(att.scores, expected.detach())
     assert toy.weight.grad is None
 

@@ -51,7 +51,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from xai_lib.explanation.methods import METHODS, Attributor, ImportanceModel, synchronize
+from xai_lib.explanation.methods import METHODS, Attributor, ImportanceModel, gradcam_layer, synchronize
 from xai_lib.data.audio import load_audio, pad_batch
 from xai_lib.detector.removal import BonafideReference
 from xai_lib.explanation.metrics import deletion_insertion, localization_metrics, localization_per_attack
@@ -172,11 +172,18 @@ def method_not_applicable(detector: nn.Module, method: str) -> str | None:
 
     ``attention_rollout`` needs attention maps over the frames, which only the TCM back end
     returns (a detector says so with ``has_attention_maps``; one that does not say is assumed
-    to have them).
+    to have them); ``grad_cam`` and ``grad_cam_minmax05`` need a ``gradcam_tap`` (both back
+    ends have one).
     """
     if method == "attention_rollout" and not getattr(detector, "has_attention_maps", True):
         return (f"not applicable to this detector: the {type(detector).__name__} back end has no attention maps "
                 "over the frames to roll out (attention_rollout explains the TCM back end)")
+    if method in ("grad_cam", "grad_cam_minmax05"):
+        try:
+            gradcam_layer(detector)
+        except ValueError:
+            return (f"not applicable to this detector: the {type(detector).__name__} back end has no gradcam_tap "
+                    "(Grad-CAM's layer: its last temporal features, (B, C, T'), on the path to the logits)")
     return None
 
 

@@ -52,8 +52,10 @@ Methods
     without gradient. captum averages the gradient over all T' steps of the padded batch;
     the gradient of a padded step is 0 in a back end that masks padding (TCM), so the map is
     multiplied by ``T' / valid steps``, which makes it the utterance's map alone. A step
-    covers ``gradcam_frames_per_step`` detector frames (TCM: 1) and is repeated over them;
-    the result is trimmed/zero-padded to T. Raw scores, not normalised: calibrated like
+    covers ``gradcam_frames_per_step`` detector frames (TCM: 1, AASIST: 3) and is repeated
+    over them; an utterance of n frames has ``n // gradcam_frames_per_step`` valid steps (the
+    frames of no whole step, which such a back end does not see, and padding get 0); the
+    result is trimmed/zero-padded to T. Raw scores, not normalised: calibrated like
     every other method.
 ``grad_cam_minmax05``
     The peer practice (WeDefense): the ``grad_cam`` map min-max normalised per utterance
@@ -610,9 +612,10 @@ def _grad_cam(attributor: Attributor, b: AttributionBatch, opts: Mapping[str, An
         raise RuntimeError(f"gradcam_tap must see (B, C, T') features; Grad-CAM came out {tuple(cam.shape)}")
     cam = cam[:, 0].detach()  # (B, T')
     steps = cam.shape[1]
-    valid_steps = torch.div(b.n_frames + per_step - 1, per_step, rounding_mode="floor").clamp(1, steps)  # (B,)
-    cam = cam * (steps / valid_steps.to(cam.dtype))[:, None]  # captum's mean over T' -> over the valid steps
-    frames = cam.repeat_interleave(per_step, dim=1)[:, : b.num_frames]  # (B, <= T)
+    valid_steps = torch.div(b.n_frames, per_step, rounding_mode="floor").clamp(1, steps)  # (B,) whole steps
+    step_valid = torch.arange(steps, device=cam.device)[None, :] < valid_steps[:, None]  # (B, T')
+    cam = cam * (steps / valid_steps.to(cam.dtype))[:, None] * step_valid  # captum's mean over T' -> valid steps
+    frames = cam.repeat_interleave(per_step, dim=1)[:, : b.num_frames]  # (B, <= T); frames of no whole step: 0
     b.extras["gradcam_steps"] = steps
     return F.pad(frames, (0, b.num_frames - frames.shape[1]))  # (B, T)
 
