@@ -369,9 +369,10 @@ class Attributor:
             method: one of :data:`METHODS`.
             target: 0 = explain "spoof", 1 = explain "bona fide" (logit column).
             **kwargs: method options: ``integrated_gradients``: ``n_steps`` (50),
-                ``internal_batch_size`` (default B x min(n_steps, 10)), ``ig_method``
-                ("gausslegendre"); ``saliency``: ``abs`` (True); ``occlusion``:
-                ``perturbations_per_eval`` (4 frames ablated per forward); ``grad_cam`` and
+                ``internal_batch_size`` (default: B on a CPU, one interpolation step per pass;
+                B x min(n_steps, 10) on a GPU), ``ig_method`` ("gausslegendre"); ``saliency``:
+                ``abs`` (True); ``occlusion``: ``perturbations_per_eval`` (default: 1 frame
+                ablated per forward on a CPU, 4 on a GPU); ``grad_cam`` and
                 ``grad_cam_minmax05``: ``relu`` (True); ``random``: ``seed`` (0).
 
         Returns:
@@ -523,7 +524,9 @@ def _integrated_gradients(attributor: Attributor, b: AttributionBatch, opts: Map
 
     B = b.wave.shape[0]
     n_steps = int(opts["n_steps"])
-    ibs = opts["internal_batch_size"] or B * min(n_steps, 10)
+    # on a CPU small passes are faster (cache-resident activations): batch 8 of 2.9 s utterances,
+    # 1 thread, one step per pass 13.2 s vs ten 20.0 s; a GPU wants the wide passes
+    ibs = opts["internal_batch_size"] or (B if b.wave.device.type == "cpu" else B * min(n_steps, 10))
     ig = IntegratedGradients(attributor._logits)
     attr, delta = ig.attribute(
         b.wave.clone().requires_grad_(True), baselines=torch.zeros_like(b.wave), target=b.target,
@@ -548,10 +551,12 @@ def _occlusion(attributor: Attributor, b: AttributionBatch, opts: Mapping[str, A
     from captum.attr import FeatureAblation
 
     mask, share = _frame_feature_mask(b.wave.shape[1], b.n_frames, b.lengths, attributor.hop)  # (B, L) x2
+    # CPU: one frame per pass (batch 8 of 2.9 s utterances, 1 thread: 23.0 s vs 29.7 s with 4); GPU: 4
+    per_eval = opts["perturbations_per_eval"] or (1 if b.wave.device.type == "cpu" else 4)
     with torch.no_grad():
         attr = FeatureAblation(attributor._logits).attribute(
             b.wave, baselines=0.0, target=b.target, additional_forward_args=(b.lengths,),
-            feature_mask=mask, perturbations_per_eval=int(opts["perturbations_per_eval"]),
+            feature_mask=mask, perturbations_per_eval=int(per_eval),
         )  # (B, L): every sample holds its frame's output change
     return pool_to_frames(attr * share, b.n_frames, attributor.hop, b.lengths, b.num_frames)
 
@@ -639,7 +644,7 @@ METHOD_REGISTRY: dict[str, AttributionMethod] = {
                           {"n_steps": 50, "internal_batch_size": None, "ig_method": "gausslegendre"}, True,
                           "captum IntegratedGradients on the waveform, silence baseline"),
         AttributionMethod("saliency", _saliency, {"abs": True}, True, "captum Saliency, |gradient| per sample"),
-        AttributionMethod("occlusion", _occlusion, {"perturbations_per_eval": 4}, False,
+        AttributionMethod("occlusion", _occlusion, {"perturbations_per_eval": None}, False,
                           "captum FeatureAblation of 20 ms frames (silenced)"),
         AttributionMethod("attention_rollout", _attention_rollout, {}, False, "attention rollout of the TCM blocks"),
         AttributionMethod("grad_cam", _grad_cam, {"relu": True}, True,
