@@ -320,9 +320,10 @@ class Explanation:
             f"; {len(self.spans)} span(s) above τ = {self.threshold:.3g}"
             + ("" if self.false_flag_rate is None else f" (false-flag rate {self.false_flag_rate:g})"))
         default = ", default threshold" if self.score_threshold_source == DEFAULT_THRESHOLD_SOURCE else ""
-        ax.set_title(f"{self.file}: {self.verdict.upper()} (score {self.score:+.2f} {sign} {self.score_threshold:+.2f}"
+        name = Path(str(self.file)).name or str(self.file)  # the file name: a long path would be cut off
+        ax.set_title(f"{name}: {self.verdict.upper()} (score {self.score:+.2f} {sign} {self.score_threshold:+.2f}"
                      f"{default}){tau}",
-                     fontsize="medium")
+                     fontsize="medium", wrap=True)
         return ax.figure
 
     def save(self, out_dir: str | Path, name: str | None = None) -> list[Path]:
