@@ -155,3 +155,23 @@ def test_failing_rank_fails_the_whole_run(tiny_cfg, tmp_path):
     root_cause = proc.stderr.split("Root Cause")[-1]
     assert re.search(r"rank\s*:\s*1\b", root_cause) and "injected failure on rank 1" in root_cause
     assert not (tmp_path / "run" / "stage1_detector.pth").exists()
+
+
+def test_aasist_torchrun_gradients_equal_one_process(tmp_path):
+    """AASIST: two DDP ranks (gloo, CPU) take one step with the gradients of one process on the
+    whole batch (dropout off so that both draw nothing at random; BatchNorm synchronised over the
+    ranks). Here with the other torchrun tests, so that no two torchrun jobs run at once under
+    pytest-xdist (two concurrent ones aborted a rank once)."""
+    from test_aasist import tiny_aasist_dict
+
+    arch = tiny_aasist_dict()
+    arch["aasist"].update(graph_dropout=0.0, pool_dropout=0.0, branch_dropout=0.0, hidden_dropout=0.0)
+    (tmp_path / "model.json").write_text(json.dumps(arch))
+    _ok(_torchrun([str(REPO / "tests" / "dist_worker.py"), "grads", str(tmp_path)], timeout=180))
+    g0, g1, single = (torch.load(tmp_path / f, weights_only=True)
+                      for f in ("grads_rank0.pt", "grads_rank1.pt", "grads_single.pt"))
+    assert g0.keys() == single.keys() and "GAT_layer_T.att_weight" in g0
+    assert not any(".bn1." in k for k in g0)  # frozen, unused by the forward
+    for name in g0:
+        assert torch.equal(g0[name], g1[name]), name
+        torch.testing.assert_close(g0[name], single[name], rtol=1e-3, atol=1e-6, msg=name)
