@@ -3,12 +3,10 @@ from __future__ import annotations
 
 import json
 import math
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
 from xai_lib.config import DataConfig, ModelConfig, config_from_dict
 from xai_lib.explanation.evaluation import (
@@ -21,48 +19,17 @@ from xai_lib.explanation.metrics import localization_metrics
 from xai_lib.detector.model import Detector
 
 from conftest import tiny_model_dict
+from toy_detectors import FrameEnergyDetector
 
 HOP = 320
 
 
-class EnergyDetector(nn.Module):
-    """A detector with a known answer: its spoof evidence is the energy of the frames.
-
-    Frame t covers samples [320 t, 320 (t + 1)); its feature is the frame's mean squared
-    sample. The spoof logit is ``gain * (2 * sum_t keep_t x_t - 3)``, so an utterance with a
-    few loud frames is spoof because of exactly those frames.
-    """
-
-    frame_hop_s = 0.02
-    min_input_samples = HOP
+class EnergyDetector(FrameEnergyDetector):
+    """A detector with a known answer: spoof logit ``gain * (2 * sum_t keep_t x_t - 3)`` over the
+    frame energies x_t, so an utterance with a few loud frames is spoof because of exactly those."""
 
     def __init__(self) -> None:
-        super().__init__()
-        self.gain = nn.Parameter(torch.tensor(1.0))
-
-    def num_frames(self, lengths):
-        return torch.as_tensor(lengths, dtype=torch.long) // HOP
-
-    def frontend(self, wave, lengths=None):
-        B, L = wave.shape
-        T = L // HOP
-        feats = (wave[:, : T * HOP].reshape(B, T, HOP) ** 2).mean(-1, keepdim=True)  # (B, T, 1)
-        n = self.num_frames(lengths if lengths is not None else torch.full((B,), L)).to(wave.device)
-        mask = torch.arange(T, device=wave.device)[None, :] < n[:, None]
-        return feats * mask[..., None], mask
-
-    def backend(self, ssl_features, frame_mask=None, frame_weights=None, output_attentions=False):
-        x = ssl_features[..., 0]  # (B, T)
-        if frame_mask is not None:
-            x = x * frame_mask
-        if frame_weights is not None:
-            x = x * frame_weights
-        s = self.gain * (2.0 * x.sum(dim=1) - 3.0)  # spoof evidence
-        return SimpleNamespace(logits=torch.stack([s, -s], dim=1), attentions=None)
-
-    def forward(self, wave, lengths=None, output_attentions=False):
-        feats, mask = self.frontend(wave, lengths)
-        return self.backend(feats, mask)
+        super().__init__(scale=2.0, offset=3.0)
 
 
 class EnergyImportance:

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-from torch import nn
 
 from conftest import tiny_model_dict
+from toy_detectors import FrameEnergyDetector
 from xai_lib.explanation.sanity import (
     DEFAULT_LEVELS,
     WaveformRemover,
@@ -28,43 +28,12 @@ from xai_lib.explanation.sanity import (
 SR, HOP = 16000, 320
 
 
-class LoudFrameDetector(nn.Module):
-    """A toy detector whose spoof evidence is planted: the energy of the frames.
-
-    Frame t covers samples [320 t, 320 (t + 1)); its feature is its mean squared sample; the
-    spoof logit is ``gain * (20 * sum_t x_t - 1)``: quiet noise is bona fide, a few loud
-    (artifact) frames make an utterance spoof. Score (bona fide logit) = - spoof logit.
-    """
-
-    frame_hop_s = 0.02
-    min_input_samples = HOP
+class LoudFrameDetector(FrameEnergyDetector):
+    """The planted toy: spoof logit ``gain * (20 * sum_t x_t - 1)`` over the frame energies x_t:
+    quiet noise is bona fide, a few loud (artifact) frames make an utterance spoof."""
 
     def __init__(self) -> None:
-        super().__init__()
-        self.gain = nn.Parameter(torch.tensor(1.0))
-
-    def num_frames(self, lengths):
-        return torch.as_tensor(lengths, dtype=torch.long) // HOP
-
-    def frontend(self, wave, lengths=None):
-        B, L = wave.shape
-        T = L // HOP
-        feats = (wave[:, : T * HOP].reshape(B, T, HOP) ** 2).mean(-1, keepdim=True)
-        n = self.num_frames(lengths if lengths is not None else torch.full((B,), L)).to(wave.device)
-        mask = torch.arange(T, device=wave.device)[None, :] < n[:, None]
-        return feats * mask[..., None], mask
-
-    def backend(self, ssl_features, frame_mask=None, frame_weights=None, output_attentions=False):
-        x = ssl_features[..., 0]
-        if frame_mask is not None:
-            x = x * frame_mask
-        if frame_weights is not None:
-            x = x * frame_weights
-        s = self.gain * (20.0 * x.sum(dim=1) - 1.0)
-        return SimpleNamespace(logits=torch.stack([s, -s], dim=1), attentions=None)
-
-    def forward(self, wave, lengths=None, output_attentions=False):
-        return self.backend(*self.frontend(wave, lengths))
+        super().__init__(scale=20.0, offset=1.0)
 
 
 def _planted_items(n: int = 3) -> tuple[list[dict], list[np.ndarray]]:
