@@ -61,7 +61,7 @@ def test_detector_data_machine_and_goals_are_recorded(quick_bench):
     for name, g in goals.items():
         assert g["status"] in ("PASS", "FAIL"), g
     explained = res["methods_setup"]["explained_verdict_vs_verdict"]
-    assert _ordered(explained) and explained["median"] > 1.0  # the verdict is part of it
+    assert _ordered(explained) and explained["median"] > 0  # a ratio of two timings: no bound asserted
     assert goals["explained verdict (verdict + importance) <= 1.6 x the verdict alone"]["value"] == explained["median"]
     # every speed goal is a ratio measured in this run
     imp = res["methods"]["importance"]["cost_vs_forward"]["median"]
