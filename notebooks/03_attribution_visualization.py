@@ -30,8 +30,8 @@
 #
 # **Where the products go.** `run_dir/figures/stage3_*.png` and `metrics.json["stage3"]`
 # (the sanity checks under `["sanity"]` and each method's `["restoration"]`).
-# About 1 minute on 2 CPU cores with the defaults (Integrated Gradients and occlusion take
-# most of it), and about one more for the sanity checks (`sanity: False` skips them).
+# About 3 minutes on one CPU thread with the defaults (the demo: 199 s; Integrated Gradients and
+# occlusion take most of it), of which about 15 s are the sanity checks (`sanity: False` skips them).
 
 # %% tags=["parameters"]
 stage1_checkpoint: str = ""  # Stage-1 checkpoint; empty: run_dir/stage1_detector.pth
