@@ -212,15 +212,12 @@ def _as_wave(wave: Any, sample_rate: int | None) -> np.ndarray:
     """A (N,) float32 16 kHz waveform from a numpy array / tensor at ``sample_rate``."""
     if sample_rate is None:
         raise ExplainError("a waveform needs its sample_rate (e.g. explain(wave, run_dir, sample_rate=16000))")
-    if isinstance(wave, torch.Tensor):
-        wave = wave.detach().cpu().numpy()
-    x = np.asarray(wave, dtype=np.float32)
-    if x.ndim != 1:
-        x = np.squeeze(x)
-    if x.ndim != 1:
-        raise InputError(f"<waveform>: expected a mono (N,) waveform, got shape {np.shape(wave)}")
-    if x.size == 0 or not np.isfinite(x).all():
-        raise InputError("<waveform>: " + ("empty" if x.size == 0 else "contains NaN or infinite samples"))
+    from xai_lib.plots import as_1d
+
+    try:
+        x = as_1d(wave, "<waveform> (a mono (N,) waveform)").astype(np.float32)
+    except ValueError as exc:
+        raise InputError(str(exc)) from None
     if int(sample_rate) != SAMPLE_RATE:
         import torchaudio.functional as AF
 

@@ -34,6 +34,7 @@ from matplotlib.lines import Line2D
 from xai_lib.detector.metrics import compute_det_curve, utterance_eer
 
 __all__ = [
+    "as_1d",
     "ImportanceOverlay",
     "compute_spectrogram",
     "plot_spectrogram",
@@ -60,7 +61,9 @@ _SPAN_COLOR = "tab:orange"
 # ----------------------------------------------------------------------------- helpers
 
 
-def _to_1d(x: object, name: str) -> np.ndarray:
+def as_1d(x: object, name: str) -> np.ndarray:
+    """``x`` (array, tensor, list) as a finite, non-empty 1-D float64 array (size-1 axes squeezed);
+    ``ValueError`` naming ``name`` otherwise."""
     if isinstance(x, torch.Tensor):
         x = x.detach().cpu().numpy()
     arr = np.asarray(x, dtype=np.float64)
@@ -139,7 +142,7 @@ def compute_spectrogram(
 
     if kind not in ("logmel", "linear"):
         raise ValueError(f"kind must be 'logmel' or 'linear', got {kind!r}.")
-    x = _to_1d(wave, "wave").astype(np.float32)  # (N,)
+    x = as_1d(wave, "wave").astype(np.float32)  # (N,)
     win = max(16, int(round(SPECTROGRAM_WINDOW_S * sample_rate)))
     hop = max(1, int(round(SPECTROGRAM_HOP_S * sample_rate)))
     n_fft = 1 << (win - 1).bit_length()
@@ -177,7 +180,7 @@ def plot_spectrogram(
 
     ax = _new_axes(ax)
     spec, hop = compute_spectrogram(wave, sample_rate, kind, n_mels)
-    duration = _to_1d(wave, "wave").size / sample_rate
+    duration = as_1d(wave, "wave").size / sample_rate
     nyquist = sample_rate / 2
     x_coords = np.linspace(0.0, duration, spec.shape[1] + 1)  # cell edges over the recording (s)
     y_coords = (librosa.mel_frequencies(spec.shape[0] + 1, fmin=0.0, fmax=nyquist) if kind == "logmel"
@@ -263,7 +266,7 @@ def plot_importance_overlay(
     """
     if frame_hop_s <= 0:
         raise ValueError(f"frame_hop_s must be positive, got {frame_hop_s}.")
-    values = _to_1d(importance, "importance").copy()  # (T,)
+    values = as_1d(importance, "importance").copy()  # (T,)
     ax = _new_axes(ax, figsize=(10.0, 3.5))
     spectrogram = plot_spectrogram(wave, sample_rate, ax=ax, kind=kind)
     n_frames = values.size
@@ -298,7 +301,7 @@ def plot_importance_overlay(
     spans = [(float(s), float(e)) for s, e in (spoof_spans_s or [])]
     _shade_spans(twin, spans, label="spoofed (ground truth)")
 
-    duration = _to_1d(wave, "wave").size / sample_rate
+    duration = as_1d(wave, "wave").size / sample_rate
     ax.set_xlim(0.0, max(duration, extent[1]))
     handles, labels = twin.get_legend_handles_labels()
     if len(handles) > 1:
@@ -328,7 +331,7 @@ def plot_waveform(
     Returns:
         The axes.
     """
-    x = _to_1d(wave, "wave")
+    x = as_1d(wave, "wave")
     ax = _new_axes(ax, figsize=(10.0, 2.0))
     t = np.arange(x.size) / sample_rate
     ax.plot(t, x, color="0.25", linewidth=0.5)
@@ -360,8 +363,8 @@ def plot_prototype_similarity(
     Returns:
         The axes.
     """
-    bona = _to_1d(sim_bona, "sim_bona")
-    spoof = _to_1d(sim_spoof, "sim_spoof")
+    bona = as_1d(sim_bona, "sim_bona")
+    spoof = as_1d(sim_spoof, "sim_spoof")
     if bona.size != spoof.size:
         raise ValueError(f"sim_bona has {bona.size} frames but sim_spoof has {spoof.size}.")
     ax = _new_axes(ax, figsize=(10.0, 2.5))
@@ -414,7 +417,7 @@ def plot_method_comparison(
     axes[0].set_title("spectrogram")
     _shade_spans(axes[0], spoof_spans_s, label="spoofed")
     for ax, (name, attribution) in zip(axes[1:], attributions.items()):
-        values = _to_1d(attribution, f"attributions[{name!r}]")
+        values = as_1d(attribution, f"attributions[{name!r}]")
         if normalize:
             lo, hi = values.min(), values.max()
             values = (values - lo) / (hi - lo) if hi > lo else np.zeros_like(values)
@@ -430,7 +433,7 @@ def plot_method_comparison(
         ax.set_ylim(lo, hi)
         ax.set_ylabel(name, rotation=0, ha="right", va="center")
     axes[-1].set_xlabel("time (s)")
-    duration = _to_1d(wave, "wave").size / sample_rate
+    duration = as_1d(wave, "wave").size / sample_rate
     axes[-1].set_xlim(0.0, duration)
     return fig
 
@@ -544,8 +547,8 @@ def plot_score_histogram(
     Returns:
         The axes.
     """
-    bona = _to_1d(bona_scores, "bona_scores")
-    spoof = _to_1d(spoof_scores, "spoof_scores")
+    bona = as_1d(bona_scores, "bona_scores")
+    spoof = as_1d(spoof_scores, "spoof_scores")
     ax = _new_axes(ax, figsize=(6.0, 3.5))
     edges = np.histogram_bin_edges(np.r_[bona, spoof], bins=bins)
     ax.hist(bona, bins=edges, alpha=0.6, color=_BONA_COLOR, label=f"bona fide (n={bona.size})")
@@ -608,7 +611,7 @@ def plot_similarity_distributions(
     """
     ax = _new_axes(ax, figsize=(6.0, 3.5))
     arrays = {
-        name: _to_1d(np.asarray(v.detach().cpu() if isinstance(v, torch.Tensor) else v).reshape(-1),
+        name: as_1d(np.asarray(v.detach().cpu() if isinstance(v, torch.Tensor) else v).reshape(-1),
                      f"sims[{name!r}]")
         for name, v in sims.items()
     }

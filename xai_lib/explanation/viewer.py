@@ -57,6 +57,7 @@ from matplotlib.figure import Figure
 
 from xai_lib.plots import (
     ImportanceOverlay,
+    as_1d,
     plot_importance_overlay,
     plot_prototype_similarity,
     plot_waveform,
@@ -127,16 +128,7 @@ def wav_bytes(wave: np.ndarray, sample_rate: int) -> bytes:
 
 def _to_frames(values: Any, what: str) -> np.ndarray:
     """A 1-D finite float64 array from a numpy array / tensor / sequence, or a clear error."""
-    if isinstance(values, torch.Tensor):
-        values = values.detach().cpu().numpy()
-    arr = np.asarray(values, dtype=np.float64)
-    if arr.ndim != 1:
-        arr = np.squeeze(arr)
-    if arr.ndim != 1 or arr.size == 0:
-        raise ValueError(f"{what} must be a non-empty 1-D array (T,), got shape {np.shape(values)}.")
-    if not np.all(np.isfinite(arr)):
-        raise ValueError(f"{what} contains NaN or inf values.")
-    return arr
+    return as_1d(values, f"{what} (T,)")
 
 
 def _label_text(label: int | None, attack: str | None) -> str:
