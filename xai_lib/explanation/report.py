@@ -34,6 +34,18 @@ log = logging.getLogger(__name__)
 STAGE3_KEYS = ("deletion_auc", "insertion_auc", "loc_auc", "loc_eer", "pointing_game", "ms_per_utt", "cost_vs_forward")
 
 
+def _run_config(run_dir: str | Path, data_root: str | Path | None = None, overrides: Sequence[str] = ()) -> Any:
+    """The config the run trained with: ``run_dir/config_stage2.yaml``, else ``config_stage1.yaml``
+    (``data_root`` and ``data.*`` ``overrides`` applied); ``None`` when it holds neither."""
+    from xai_lib.config import Stage1Config, Stage2Config, notebook_config
+
+    run_dir = Path(run_dir)
+    for name, schema in (("config_stage2.yaml", Stage2Config), ("config_stage1.yaml", Stage1Config)):
+        if (run_dir / name).is_file():
+            return notebook_config(run_dir / name, schema, overrides, data_root=data_root)
+    return None
+
+
 def run_data_config(run_dir: str | Path, data_root: str | Path | None = None, overrides: Sequence[str] = ()) -> Any:
     """The data Stage 3 explains: the ``data`` section the run trained with.
 
@@ -45,30 +57,22 @@ def run_data_config(run_dir: str | Path, data_root: str | Path | None = None, ov
         FileNotFoundError: the run holds neither config (the message says what to run).
         ConfigError: a bad override (naming it).
     """
-    from xai_lib.config import Stage1Config, Stage2Config, notebook_config
-
-    run_dir = Path(run_dir)
-    for name, schema in (("config_stage2.yaml", Stage2Config), ("config_stage1.yaml", Stage1Config)):
-        if (run_dir / name).is_file():
-            return notebook_config(run_dir / name, schema, overrides, data_root=data_root).data
-    raise FileNotFoundError(
-        f"{run_dir} holds neither config_stage2.yaml nor config_stage1.yaml: Stage 3 explains the data of a "
-        "trained run. Run notebooks 01 and 02 (or the pipeline's --stage1 --stage2) into this run directory first."
-    )
+    cfg = _run_config(run_dir, data_root, overrides)
+    if cfg is None:
+        raise FileNotFoundError(
+            f"{run_dir} holds neither config_stage2.yaml nor config_stage1.yaml: Stage 3 explains the data of a "
+            "trained run. Run notebooks 01 and 02 (or the pipeline's --stage1 --stage2) into this run directory first."
+        )
+    return cfg.data
 
 
 def use_run_threads(run_dir: str | Path, num_threads: int | None = None) -> int:
     """Set torch's CPU threads for Stage 3: ``num_threads``, else the run's own
     ``training.num_threads`` (``config_stage2.yaml``, else ``config_stage1.yaml``; the demo: 1),
     else torch's default. Returns the number in use."""
-    import yaml
-
     if num_threads is None:
-        for name in ("config_stage2.yaml", "config_stage1.yaml"):
-            path = Path(run_dir) / name
-            if path.is_file():
-                num_threads = ((yaml.safe_load(path.read_text()) or {}).get("training") or {}).get("num_threads")
-                break
+        cfg = _run_config(run_dir)
+        num_threads = None if cfg is None else cfg.training.num_threads
     if num_threads:
         torch.set_num_threads(int(num_threads))
     return torch.get_num_threads()
