@@ -51,7 +51,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from xai_lib.explanation.methods import METHODS, Attributor, ImportanceModel, gradcam_layer, synchronize
+from xai_lib.explanation.methods import METHOD_REGISTRY, METHODS, Attributor, ImportanceModel, synchronize
 from xai_lib.data.audio import load_audio, pad_batch
 from xai_lib.detector.removal import BonafideReference
 from xai_lib.explanation.metrics import deletion_insertion, localization_metrics, localization_per_attack
@@ -168,23 +168,12 @@ def representation_score_fn(
 
 
 def method_not_applicable(detector: nn.Module, method: str) -> str | None:
-    """Why ``method`` cannot explain ``detector``, or ``None`` when it can.
-
-    ``attention_rollout`` needs attention maps over the frames, which only the TCM back end
-    returns (a detector says so with ``has_attention_maps``; one that does not say is assumed
-    to have them); ``grad_cam`` and ``grad_cam_minmax05`` need a ``gradcam_tap`` (both back
-    ends have one).
-    """
-    if method == "attention_rollout" and not getattr(detector, "has_attention_maps", True):
-        return (f"not applicable to this detector: the {type(detector).__name__} back end has no attention maps "
-                "over the frames to roll out (attention_rollout explains the TCM back end)")
-    if method in ("grad_cam", "grad_cam_minmax05"):
-        try:
-            gradcam_layer(detector)
-        except ValueError:
-            return (f"not applicable to this detector: the {type(detector).__name__} back end has no gradcam_tap "
-                    "(Grad-CAM's layer: its last temporal features, (B, C, T'), on the path to the logits)")
-    return None
+    """Why ``method`` cannot explain ``detector``, or ``None`` when it can: the method's own
+    ``requires`` in :data:`~xai_lib.explanation.methods.METHOD_REGISTRY` (``attention_rollout``
+    needs attention maps over the frames, which only the TCM back end returns; ``grad_cam`` and
+    ``grad_cam_minmax05`` need a ``gradcam_tap``, which both back ends have)."""
+    spec = METHOD_REGISTRY.get(method)
+    return None if spec is None or spec.requires is None else spec.requires(detector)
 
 
 def applicable_methods(detector: nn.Module, methods: Sequence[str]) -> list[str]:

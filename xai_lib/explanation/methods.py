@@ -497,6 +497,8 @@ class AttributionMethod:
             calibration; ``grad_cam_minmax05``: 0.5 on per-utterance min-max scores);
             ``None``: calibrated on bona fide dev frames like every method
             (:mod:`xai_lib.explanation.calibration`).
+        requires: ``detector -> reason or None``: why the method cannot explain a detector
+            (e.g. a back end without attention maps); ``None``: it explains any detector.
     """
 
     name: str
@@ -505,6 +507,25 @@ class AttributionMethod:
     gradient: bool
     description: str
     fixed_threshold: float | None = None
+    requires: Callable[[nn.Module], str | None] | None = None
+
+
+def _needs_attention_maps(detector: nn.Module) -> str | None:
+    """A detector says with ``has_attention_maps`` whether it returns attention maps over the
+    frames (one that does not say is assumed to)."""
+    if getattr(detector, "has_attention_maps", True):
+        return None
+    return (f"not applicable to this detector: the {type(detector).__name__} back end has no attention maps "
+            "over the frames to roll out (attention_rollout explains the TCM back end)")
+
+
+def _needs_gradcam_tap(detector: nn.Module) -> str | None:
+    try:
+        gradcam_layer(detector)
+    except ValueError:
+        return (f"not applicable to this detector: the {type(detector).__name__} back end has no gradcam_tap "
+                "(Grad-CAM's layer: its last temporal features, (B, C, T'), on the path to the logits)")
+    return None
 
 
 def _importance(attributor: Attributor, b: AttributionBatch, opts: Mapping[str, Any]) -> Tensor:
@@ -646,12 +667,14 @@ METHOD_REGISTRY: dict[str, AttributionMethod] = {
         AttributionMethod("saliency", _saliency, {"abs": True}, True, "captum Saliency, |gradient| per sample"),
         AttributionMethod("occlusion", _occlusion, {"perturbations_per_eval": None}, False,
                           "captum FeatureAblation of 20 ms frames (silenced)"),
-        AttributionMethod("attention_rollout", _attention_rollout, {}, False, "attention rollout of the TCM blocks"),
+        AttributionMethod("attention_rollout", _attention_rollout, {}, False, "attention rollout of the TCM blocks",
+                          requires=_needs_attention_maps),
         AttributionMethod("grad_cam", _grad_cam, {"relu": True}, True,
-                          "captum LayerGradCam on the back end's last temporal layer, ReLU"),
+                          "captum LayerGradCam on the back end's last temporal layer, ReLU",
+                          requires=_needs_gradcam_tap),
         AttributionMethod("grad_cam_minmax05", _grad_cam_minmax, {"relu": True}, True,
                           "Grad-CAM min-max per utterance, fixed threshold 0.5 (WeDefense practice, not calibrated)",
-                          fixed_threshold=0.5),
+                          fixed_threshold=0.5, requires=_needs_gradcam_tap),
         AttributionMethod("random", _random, {"seed": 0}, False, "seeded uniform scores (the floor)"),
     )
 }
