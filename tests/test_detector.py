@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import tiny_model_dict
 
-from xai_lib.config import ModelConfig, config_from_dict
+from xai_lib.config import ConfigError, ModelConfig, config_from_dict
 from xai_lib.detector.model import Detector, DetectorBackEnd, DetectorOutput, PretrainedNotFoundError, build_ssl
 from xai_lib.detector.model import sinusoidal_positions
 
@@ -296,9 +296,11 @@ def test_windowed_frontend_is_local_and_on_the_detector_frame_grid():
     torch.testing.assert_close(both[0], long_alone[0], atol=1e-6, rtol=0)
 
 
-def _group_norm_detector() -> Detector:
-    """The tiny detector with the demo's conv encoder normalisation (wav2vec 2.0 base style)."""
-    ssl = dict(tiny_model_dict()["ssl"], feat_extract_norm="group", do_stable_layer_norm=False)
+def _group_norm_detector(group_norm_context_s: float | None = None) -> Detector:
+    """The tiny detector with the demo's conv encoder normalisation (wav2vec 2.0 base style);
+    with ``group_norm_context_s``, its statistics over that many seconds around each frame."""
+    ssl = dict(tiny_model_dict()["ssl"], feat_extract_norm="group", do_stable_layer_norm=False,
+               group_norm_context_s=group_norm_context_s)
     return _tiny_detector(ssl=ssl)
 
 
@@ -419,12 +421,15 @@ def test_encoder_windows_group_norm_ignores_the_padding(group_norm):
 
 @pytest.mark.parametrize("norm,group_norm,shared", [
     ("layer", "centred", True), ("group", "utterance", True), ("group", "centred", False), ("group", "window", False),
+    ("group_local", "centred", True), ("group_local", "utterance", False),
 ])
 def test_frontend_with_context_runs_the_conv_encoder_once_where_that_changes_nothing(norm, group_norm, shared):
     """The verdict's features and the local-context ones in one call: the detector's own
     features exactly, the windowed ones as windowed_frontend computes them, and the conv feature
-    encoder run once when it is shared (layer norm, or group norm with utterance statistics)."""
-    model = _tiny_detector() if norm == "layer" else _group_norm_detector()
+    encoder run once when it is shared (layer norm; group norm with the statistics the detector
+    takes: the utterance's, or, with model.ssl.group_norm_context_s, the centred window's)."""
+    model = {"layer": _tiny_detector, "group": _group_norm_detector,
+             "group_local": lambda: _group_norm_detector(0.3)}[norm]()
     wave, _ = _waves([24000])
     calls = []
     hook = model.ssl_model.feature_extractor.conv_layers[-1].register_forward_hook(lambda *_: calls.append(1))
@@ -435,9 +440,48 @@ def test_frontend_with_context_runs_the_conv_encoder_once_where_that_changes_not
         hook.remove()
         torch.testing.assert_close(full, model.frontend(wave)[0], atol=0, rtol=0)
         torch.testing.assert_close(local, model.windowed_frontend(wave, None, **kw)[0], atol=1e-5, rtol=0)
-    assert model.shares_conv_encoder("encoder_windows", group_norm) is shared
+    assert model.shares_conv_encoder("encoder_windows", group_norm, 0.3) is shared
     assert n_calls == (1 if shared else 2)  # conv encoder passes
     assert bool(mask.all()) and local.shape == full.shape
+
+
+def test_local_group_norm_detector_scores_padded_batches_exactly_and_trains(tmp_path):
+    """model.ssl.group_norm_context_s: the first conv layer's statistics over 0.3 s around each
+    frame. A padded batch scores every utterance as alone (whole-input statistics would see the
+    padding), far audio reaches a frame's conv features no more, the statistics still carry
+    gradients to the conv weights, and a checkpoint keeps the setting."""
+    model = _group_norm_detector(0.3)
+    assert model.group_norm_frames == 15 and _group_norm_detector().group_norm_frames == 0
+    wave, lens = _waves([24000, 13000, 4000])
+    with torch.no_grad():
+        batched = model(wave, lens)
+        for i, n in enumerate(lens.tolist()):
+            torch.testing.assert_close(batched.logits[i], model(wave[i : i + 1, :n]).logits[0], atol=1e-5, rtol=0)
+        changed = wave[:1].clone()
+        changed[0, 16000:] = 0.5 * torch.randn(8000, generator=torch.Generator().manual_seed(1))  # frames >= 49
+        starts = torch.arange(74)[None] - 7
+        before = model._conv_hidden_states(wave[:1], torch.tensor([24000]), starts, 15)
+        after = model._conv_hidden_states(changed, torch.tensor([24000]), starts, 15)
+    torch.testing.assert_close(after[0, :30], before[0, :30], atol=1e-6, rtol=0)
+    assert not torch.allclose(after[0, 60], before[0, 60], atol=1e-4)
+    model.train()
+    model(wave[:2, :16000]).logits[:, 0].sum().backward()
+    grad = model.ssl_model.feature_extractor.conv_layers[0].conv.weight.grad
+    assert grad is not None and float(grad.abs().sum()) > 0
+    from xai_lib.detector import load_detector, save_detector
+
+    loaded = load_detector(save_detector(model.eval(), tmp_path / "stage1_detector.pth"))
+    assert loaded.group_norm_frames == 15
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(wave, lens).logits, model(wave, lens).logits, atol=1e-6, rtol=0)
+
+
+def test_group_norm_context_needs_a_group_normalised_conv_encoder():
+    with pytest.raises(ConfigError, match="model.ssl.group_norm_context_s"):
+        config_from_dict(dict(tiny_model_dict(), ssl=dict(tiny_model_dict()["ssl"], group_norm_context_s=0.3)), ModelConfig)
+    with pytest.raises(ConfigError, match="model.ssl.group_norm_context_s must be positive"):
+        config_from_dict(dict(tiny_model_dict(), ssl=dict(tiny_model_dict()["ssl"], feat_extract_norm="group",
+                                                            group_norm_context_s=0.0)), ModelConfig)
 
 
 def test_windowed_frontend_rejects_unknown_modes_and_hops():
@@ -450,3 +494,41 @@ def test_windowed_frontend_rejects_unknown_modes_and_hops():
     for bad in (0.0, 1.5):
         with pytest.raises(ValueError, match="hop_fraction"):
             model.windowed_frontend(wave, hop_fraction=bad)
+
+
+def test_local_group_norm_matches_per_frame_statistics_and_their_gradients():
+    """The closed-form local GroupNorm (forward and backward) equals normalising every frame's
+    block by hand with the mean and variance of its window, the tail past the last block and the
+    padding with the last valid frame's, for a padded batch with an utterance shorter than the
+    window; gradients to the input and to the affine weights included."""
+    from xai_lib.detector.model import _centred_starts, _local_group_norm
+
+    torch.manual_seed(0)
+    B, C, K, frames, T = 3, 4, 8, 5, 12
+    n_frames = [12, 9, 3]
+    norm = torch.nn.GroupNorm(C, C).double()
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.uniform_(-0.5, 0.5)
+    x = torch.randn(B, C, T * K + 6, dtype=torch.double, requires_grad=True)
+    starts = _centred_starts(B, T, frames)
+
+    def by_hand() -> torch.Tensor:
+        rows = []
+        for b, n in enumerate(n_frames):
+            cols = []
+            for t in range(T):
+                lo = max(0, min(int(starts[b, min(t, n - 1)]), max(n - frames, 0)))
+                window = x[b, :, lo * K : min(lo + frames, n) * K]
+                mean, var = window.mean(-1, keepdim=True), window.var(-1, unbiased=False, keepdim=True)
+                own = x[b, :, t * K : (t + 1) * K] if t < T - 1 else x[b, :, t * K :]
+                cols.append((own - mean) / torch.sqrt(var + norm.eps) * norm.weight[:, None] + norm.bias[:, None])
+            rows.append(torch.cat(cols, -1))
+        return torch.stack(rows)
+
+    y, ref = _local_group_norm(x, norm, starts, frames, n_frames, K), by_hand()
+    torch.testing.assert_close(y, ref, atol=1e-12, rtol=0)
+    g = torch.randn_like(y)
+    params = [x, norm.weight, norm.bias]
+    for got, want in zip(torch.autograd.grad((y * g).sum(), params), torch.autograd.grad((ref * g).sum(), params)):
+        torch.testing.assert_close(got, want, atol=1e-12, rtol=0)

@@ -79,6 +79,11 @@ class SSLConfig:
     dropout: float = 0.0  # hidden/attention/activation dropout inside the SSL model
     freeze: bool = False  # True: keep the SSL weights fixed in Stage 1 (only the back end trains)
     gradient_checkpointing: bool = False
+    # a group-normalised first conv layer ("group") takes its per-channel statistics over this many
+    # seconds centred on each frame instead of over the whole input (None: the whole input, as
+    # wav2vec 2.0 does). Local statistics make a frame's features independent of far audio, so the
+    # Stage-2 local context can reuse the detector's own conv pass; padded batches become exact.
+    group_norm_context_s: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
@@ -97,6 +102,12 @@ class SSLConfig:
             raise ConfigError("model.ssl.hidden_size must be divisible by model.ssl.num_attention_heads")
         if self.feat_extract_norm not in ("layer", "group"):
             raise ConfigError("model.ssl.feat_extract_norm must be 'layer' or 'group'")
+        if self.group_norm_context_s is not None:
+            if self.feat_extract_norm != "group":
+                raise ConfigError("model.ssl.group_norm_context_s needs model.ssl.feat_extract_norm: group "
+                                  f"(got {self.feat_extract_norm!r}: a layer-normalised conv encoder has no statistics "
+                                  "over time); set it to null")
+            _check_positive("model.ssl.group_norm_context_s", self.group_norm_context_s)
         _check_range("model.ssl.dropout", self.dropout, 0.0, 1.0, hi_open=True)
 
 

@@ -628,11 +628,91 @@ def _window_plan(n_frames: list[int], win_frames: int, step: int) -> _WindowPlan
     return _WindowPlan(whole, win_utt, win_start, assignment)  # type: ignore[arg-type]
 
 
+def _centred_starts(B: int, T: int, frames: int) -> Tensor:
+    """(B, T) first frame of a window of ``frames`` frames centred on each frame (shifted inside
+    each utterance at its ends by :func:`_local_group_norm`)."""
+    return (torch.arange(T) - (frames - 1) // 2).expand(B, T)
+
+
+class _LocalGroupNorm(torch.autograd.Function):
+    """Per-channel normalisation with per-frame statistics over windows of blocks (forward and
+    the closed-form backward of :func:`_local_group_norm`; an autograd graph of the same
+    arithmetic costs about four times as much in training)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, weight: Tensor | None, bias: Tensor | None, lo: Tensor, hi: Tensor,
+                block: int, eps: float) -> Tensor:
+        B, C, L0 = x.shape
+        T = lo.shape[1]
+        blocks = x[:, :, : T * block].reshape(B, C, T, block)  # a view
+        s1 = blocks.sum(dim=-1).double()  # (B, C, T) block sums (one pass each, no copy of x)
+        s2 = torch.linalg.vector_norm(blocks, dim=-1).double().square()
+        zero = s1.new_zeros(B, C, 1)
+        c1, c2 = torch.cat([zero, s1.cumsum(-1)], -1), torch.cat([zero, s2.cumsum(-1)], -1)  # (B, C, T + 1)
+        lo_i, hi_i = lo[:, None, :].expand(B, C, T), hi[:, None, :].expand(B, C, T)
+        count = ((hi - lo) * block).to(torch.float64)[:, None, :]  # (B, 1, T)
+        mean = (c1.gather(2, hi_i) - c1.gather(2, lo_i)) / count
+        var = ((c2.gather(2, hi_i) - c2.gather(2, lo_i)) / count - mean * mean).clamp_min(0.0)
+        rstd = torch.rsqrt(var + eps)
+        gamma = weight.double()[None, :, None] if weight is not None else 1.0
+        scale = rstd * gamma
+        shift = -mean * scale + (bias.double()[None, :, None] if bias is not None else 0.0)
+        scale_f, shift_f = scale.to(x.dtype), shift.to(x.dtype)  # (B, C, T)
+        out = torch.empty_like(x)
+        torch.addcmul(shift_f[..., None], blocks, scale_f[..., None], out=out[:, :, : T * block].view(B, C, T, block))
+        if L0 > T * block:  # past the last block: the last frame's statistics
+            torch.addcmul(shift_f[:, :, -1:], x[:, :, T * block :], scale_f[:, :, -1:], out=out[:, :, T * block :])
+        ctx.save_for_backward(x, weight, lo, hi, mean, rstd, count)
+        ctx.block, ctx.has_bias = block, bias is not None
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        x, weight, lo, hi, mean, rstd, count = ctx.saved_tensors
+        block = ctx.block
+        B, C, L0 = x.shape
+        T = lo.shape[1]
+        n_main = T * block
+        g_blocks = grad[:, :, :n_main].reshape(B, C, T, block)
+        x_blocks = x[:, :, :n_main].reshape(B, C, T, block)
+        gx = (g_blocks * x_blocks).sum(-1).double()  # (B, C, T): sum of grad * x under each frame
+        g1 = g_blocks.sum(-1).double()  # sum of grad under each frame
+        if L0 > n_main:  # the tail took the last frame's statistics
+            gx[:, :, -1] += (grad[:, :, n_main:] * x[:, :, n_main:]).sum(-1).double()
+            g1[:, :, -1] += grad[:, :, n_main:].sum(-1).double()
+        gamma = weight.double()[None, :, None] if weight is not None else torch.ones_like(rstd[:, :1, :1])
+        centred = gx - mean * g1  # sum of grad * (x - mean)
+        d_rstd = gamma * centred
+        d_mean = -gamma * rstd * g1
+        r3 = rstd.pow(3)
+        d_s2 = -0.5 * d_rstd * r3 / count  # d loss / d (window sum of x^2)
+        d_s1 = (d_mean + d_rstd * r3 * mean) / count  # d loss / d (window sum of x)
+        # each block's share: the sum over the frames whose window holds it (a difference array)
+        lo_i, hi_i = lo[:, None, :].expand(B, C, T), hi[:, None, :].expand(B, C, T)
+        per_block = []
+        for d in (d_s1, d_s2):
+            diff = d.new_zeros(B, C, T + 1)
+            diff.scatter_add_(2, lo_i, d).scatter_add_(2, hi_i, -d)
+            per_block.append(diff.cumsum(-1)[:, :, :T].to(x.dtype))
+        u, w = per_block
+        scale = (rstd * gamma).to(x.dtype)
+        dx = torch.empty_like(x)
+        dx_main = dx[:, :, :n_main].view(B, C, T, block)
+        torch.mul(g_blocks, scale[..., None], out=dx_main)
+        dx_main.add_(u[..., None]).addcmul_(x_blocks, 2.0 * w[..., None])
+        if L0 > n_main:
+            torch.mul(grad[:, :, n_main:], scale[:, :, -1:], out=dx[:, :, n_main:])
+        d_weight = (rstd * centred).sum(dim=(0, 2)).to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
+        d_bias = g1.sum(dim=(0, 2)).to(x.dtype) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return dx, d_weight, d_bias, None, None, None, None
+
+
 def _local_group_norm(
     x: Tensor, norm: nn.GroupNorm, starts: Tensor, frames: int, n_frames: list[int], block: int
-) -> None:
-    """Per-channel GroupNorm of the first conv layer's output ``x`` (B, C, L0), in place, with
-    statistics over a window of ``frames`` frames per frame instead of the whole input.
+) -> Tensor:
+    """Per-channel GroupNorm of the first conv layer's output ``x`` (B, C, L0), with statistics
+    over a window of ``frames`` frames per frame instead of the whole input (a new tensor;
+    differentiable, so a detector can train with it).
 
     Frame ``t`` owns the ``block`` outputs ``[t * block, (t + 1) * block)`` (its 20 ms); they are
     normalised with the mean and variance of the outputs owned by frames ``starts[b, t] ...
@@ -640,31 +720,15 @@ def _local_group_norm(
     receptive field, and padding) take the last valid frame's statistics. Rows of utterances
     not longer than ``frames`` are left for the caller.
     """
-    B, C, L0 = x.shape
     T = max(n_frames)
-    blocks = x[:, :, : T * block].reshape(B, C, T, block)  # a view
-    s1 = blocks.sum(dim=-1).double()  # (B, C, T) block sums (one pass each, no copy of x)
-    s2 = torch.linalg.vector_norm(blocks, dim=-1).double().square()
-    zero = s1.new_zeros(B, C, 1)
-    c1, c2 = torch.cat([zero, s1.cumsum(-1)], -1), torch.cat([zero, s2.cumsum(-1)], -1)  # (B, C, T + 1)
     n = torch.tensor(n_frames, device=x.device)
     last = (n - 1).clamp_min(0)[:, None]  # (B, 1)
     t = torch.minimum(torch.arange(T, device=x.device)[None, :], last)  # frames past the end: the last one's
     lo = starts.to(x.device).gather(1, t).clamp(min=0)  # (B, T)
     lo = torch.minimum(lo, (n[:, None] - frames).clamp_min(0))
     hi = torch.minimum(lo + frames, n[:, None])
-    lo_i, hi_i = lo[:, None, :].expand(B, C, T), hi[:, None, :].expand(B, C, T)
-    count = ((hi - lo) * block).to(torch.float64)[:, None, :]  # (B, 1, T)
-    mean = (c1.gather(2, hi_i) - c1.gather(2, lo_i)) / count
-    var = ((c2.gather(2, hi_i) - c2.gather(2, lo_i)) / count - mean * mean).clamp_min(0.0)
-    scale = torch.rsqrt(var + norm.eps)
-    if norm.affine:
-        scale = scale * norm.weight.double()[None, :, None]
-    shift = -mean * scale + (norm.bias.double()[None, :, None] if norm.affine else 0.0)
-    scale, shift = scale.to(x.dtype), shift.to(x.dtype)  # (B, C, T)
-    blocks.mul_(scale[..., None]).add_(shift[..., None])
-    if L0 > T * block:
-        x[:, :, T * block :].mul_(scale[:, :, -1:]).add_(shift[:, :, -1:])
+    weight, bias = (norm.weight, norm.bias) if norm.affine else (None, None)
+    return _LocalGroupNorm.apply(x, weight, bias, lo, hi, block, norm.eps)
 
 
 # ----------------------------------------------------------------------------- models
@@ -856,7 +920,16 @@ class Detector(nn.Module):
                 f"audio too short: {shortest} samples, the SSL front end needs at least {need} "
                 f"({need / 16000 * 1000:.0f} ms at 16 kHz) for one frame"
             )
-        hidden = self.ssl_model(wave, attention_mask=attention_mask).last_hidden_state  # (B, T, D)
+        norm_frames = self.group_norm_frames
+        if norm_frames:  # the first conv layer normalised over a window centred on each frame
+            full = torch.full((B,), L, dtype=torch.long, device=wave.device) if lengths is None else lengths
+            n_frames = self.num_frames(full)
+            T = int(n_frames.max())
+            hidden = self._conv_hidden_states(wave, full, _centred_starts(B, T, norm_frames), norm_frames)[:, :T]
+            mask = None if attention_mask is None else torch.arange(T, device=wave.device)[None, :] < n_frames[:, None]
+            hidden = self.ssl_model.encoder(hidden, attention_mask=mask).last_hidden_state  # (B, T, D)
+        else:
+            hidden = self.ssl_model(wave, attention_mask=attention_mask).last_hidden_state  # (B, T, D)
         T = hidden.shape[1]
         if attention_mask is None:
             frame_mask = torch.ones(B, T, dtype=torch.bool, device=hidden.device)
@@ -988,7 +1061,7 @@ class Detector(nn.Module):
                 f_utt, f_time, f_win, _ = plan.assignment
                 starts_bt[f_utt, f_time] = torch.tensor(plan.win_start, dtype=torch.long)[f_win]
             else:  # "centred": a window centred on each frame
-                starts_bt = (torch.arange(T) - (win_frames - 1) // 2).expand(B, T)
+                starts_bt = _centred_starts(B, T, win_frames)
             if conv_hidden is None:
                 hidden = self._conv_hidden_states(wave, lengths, starts_bt, win_frames)  # (B, T', D), padded frames 0
             else:
@@ -1019,13 +1092,33 @@ class Detector(nn.Module):
         out[f_utt, f_time] = feats[f_win, f_loc].to(out.dtype)
         return out, frame_mask
 
-    def shares_conv_encoder(self, mode: str, group_norm: str) -> bool:
-        """Whether :meth:`frontend_with_context` computes the conv feature encoder once for both
-        outputs: mode ``"encoder_windows"`` with a layer-normalised conv encoder (XLS-R: its
-        features are local anyway) or with ``group_norm="utterance"`` (the statistics the
-        detector's own pass takes)."""
+    @property
+    def group_norm_frames(self) -> int:
+        """Frames of the centred window over which a group-normalised first conv layer takes its
+        statistics in the detector's own pass (``model.ssl.group_norm_context_s``); 0 = the
+        whole input (wav2vec 2.0), or a layer-normalised conv encoder (no statistics over time)."""
+        seconds = getattr(self.cfg.ssl, "group_norm_context_s", None)
         norm = getattr(self.ssl_model.feature_extractor.conv_layers[0], "layer_norm", None)
-        return mode == "encoder_windows" and (group_norm == "utterance" or not isinstance(norm, nn.GroupNorm))
+        if not seconds or not isinstance(norm, nn.GroupNorm):
+            return 0
+        return max(1, int(round(seconds / self.frame_hop_s)))
+
+    def shares_conv_encoder(self, mode: str, group_norm: str, context_s: float = 0.3) -> bool:
+        """Whether :meth:`frontend_with_context` computes the conv feature encoder once for both
+        outputs: mode ``"encoder_windows"`` with the same conv features the detector's own pass
+        takes: a layer-normalised conv encoder (XLS-R: its features are local anyway), or a
+        group-normalised one whose statistics are the detector's: ``group_norm="utterance"``
+        for a detector normalising over the whole input, ``"centred"`` over ``context_s`` for
+        one built with ``model.ssl.group_norm_context_s`` of that many seconds."""
+        if mode != "encoder_windows":
+            return False
+        norm = getattr(self.ssl_model.feature_extractor.conv_layers[0], "layer_norm", None)
+        if not isinstance(norm, nn.GroupNorm):
+            return True
+        own = self.group_norm_frames
+        if own == 0:
+            return group_norm == "utterance"
+        return group_norm == "centred" and own == max(1, int(round(context_s / self.frame_hop_s)))
 
     def frontend_with_context(
         self,
@@ -1042,16 +1135,17 @@ class Detector(nn.Module):
         are :meth:`windowed_frontend`'s, except that when :meth:`shares_conv_encoder` holds the
         transformer windows read the conv feature encoder output of the detector's own pass
         instead of computing it again: identical features with a layer-normalised conv
-        encoder; with a group-normalised one and ``group_norm="utterance"``, each utterance's
-        statistics as the detector takes them (the same as computing them alone, unless a
-        padded batch lets the padding into them, as it does for the detector). The conv
-        encoder is most of the demo front end's cost (XLS-R: a smaller share).
+        encoder; with a group-normalised one, when the context asks for the statistics the
+        detector takes (``"utterance"`` for a wav2vec 2.0-style detector, whose padded batches
+        let the padding into them; ``"centred"`` over ``context_s`` for a detector built with
+        ``model.ssl.group_norm_context_s`` of that many seconds). The conv encoder is most of
+        the demo front end's cost (XLS-R: a smaller share).
 
         Returns:
             ssl_features (B, T, D_ssl), local (B, T, D_ssl), frame_mask (B, T) bool.
         """
         options = dict(mode=mode, group_norm=group_norm, hop_fraction=hop_fraction)
-        if not self.shares_conv_encoder(mode, group_norm):
+        if not self.shares_conv_encoder(mode, group_norm, context_s):
             ssl_features, frame_mask = self.frontend(wave, lengths)
             return ssl_features, self.windowed_frontend(wave, lengths, context_s, **options)[0], frame_mask
         captured: list[Tensor] = []
@@ -1098,13 +1192,16 @@ class Detector(nn.Module):
             x = conv(wave[:, None])  # (B, C, L0)
             n0 = (torch.div(lengths - conv.kernel_size[0], conv.stride[0], rounding_mode="floor") + 1).tolist()
             n_frames = self.num_frames(lengths).tolist()
-            # each utterance's valid samples alone (the padding is left as it is)
-            whole = {b: norm(x[b : b + 1, :, : n0[b]]) for b in range(B) if not local or n_frames[b] <= norm_frames}
+            whole = [b for b in range(B) if not local or n_frames[b] <= norm_frames]
+            y = x
             if len(whole) < B:
-                _local_group_norm(x, norm, norm_starts, norm_frames, n_frames, self.frame_hop_samples // conv.stride[0])
-            for b, y in whole.items():
-                x[b : b + 1, :, : n0[b]] = y
-            x = layers[0].activation(x)
+                y = _local_group_norm(x, norm, norm_starts, norm_frames, n_frames, self.frame_hop_samples // conv.stride[0])
+            if whole:  # each utterance's valid samples alone (the padding is left as it is)
+                rows = [y[b : b + 1] for b in range(B)]
+                for b in whole:
+                    rows[b] = torch.cat([norm(x[b : b + 1, :, : n0[b]]), x[b : b + 1, :, n0[b] :]], dim=2)
+                y = torch.cat(rows)
+            x = layers[0].activation(y)
             for layer in layers[1:]:
                 x = layer(x)
         else:
