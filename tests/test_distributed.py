@@ -125,8 +125,9 @@ def test_two_process_training_matches_one_process(runs):
         assert diff <= bound, f"{name}: 1-process and 2-process weights differ by {diff:.3g} (> {bound:.3g})"
     h1 = torch.load(runs["one"] / "checkpoints/stage1/last.pth", weights_only=True)["history"]
     h2 = torch.load(runs["two"] / "checkpoints/stage1/last.pth", weights_only=True)["history"]
+    # the losses of weights that agree to float noise (above): 2.8e-4 relative seen on an AMD EPYC
     for key in ("train_loss", "dev_loss"):
-        assert h1[key] == pytest.approx(h2[key], abs=1e-4), key
+        assert h1[key] == pytest.approx(h2[key], rel=1e-3, abs=1e-4), key
     wave = 0.1 * torch.randn(3, 6000, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.allclose(one(wave).scores, two(wave).scores, atol=5e-3)
