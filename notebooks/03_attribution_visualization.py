@@ -52,7 +52,7 @@ sanity_levels: int = 3  # randomisation levels from the top: classifier, back en
 sanity_ig_steps: int = 8  # Integrated Gradients steps in the sanity checks
 sanity_steps: int = 4  # deletion/insertion steps of the waveform-domain check (2 (steps + 1) detector passes per method)
 sanity_retrain: bool = True  # also train Stage 2 briefly (2 epochs of at most 8 steps) on the fully randomised detector
-num_threads: "Optional[int]" = None  # torch CPU threads; None: the run's training.num_threads (the demo: 1)
+num_threads: "Optional[int]" = None  # torch CPU threads; None: the run's training.num_threads (the demo: torch's choice)
 smoke: bool = False  # seconds-long run
 seed: int = 1234  # random seed (utterance draw, random baseline)
 

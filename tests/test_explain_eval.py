@@ -211,8 +211,8 @@ def test_load_explanation_set_reads_the_partially_spoofed_subset(tiny_corpus, de
 
 
 def test_stage3_uses_the_runs_thread_setting_unless_told(tmp_path):
-    """Notebook 03 runs on the threads the run trained with (the demo: 1, robust on a shared
-    machine), or on the ones it is given."""
+    """Notebook 03 runs on the threads the run trained with (say 1, robust on a shared machine),
+    or on the ones it is given."""
     from xai_lib.explanation.report import use_run_threads
 
     before = torch.get_num_threads()

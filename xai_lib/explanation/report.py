@@ -68,7 +68,7 @@ def run_data_config(run_dir: str | Path, data_root: str | Path | None = None, ov
 
 def use_run_threads(run_dir: str | Path, num_threads: int | None = None) -> int:
     """Set torch's CPU threads for Stage 3: ``num_threads``, else the run's own
-    ``training.num_threads`` (``config_stage2.yaml``, else ``config_stage1.yaml``; the demo: 1),
+    ``training.num_threads`` (``config_stage2.yaml``, else ``config_stage1.yaml``; the demo: null),
     else torch's default. Returns the number in use."""
     if num_threads is None:
         cfg = _run_config(run_dir)
