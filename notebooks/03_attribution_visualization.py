@@ -30,8 +30,9 @@
 #
 # **Where the products go.** `run_dir/figures/stage3_*.png` and `metrics.json["stage3"]`
 # (the sanity checks under `["sanity"]` and each method's `["restoration"]`).
-# About 3 minutes on one CPU thread with the defaults (the demo: 199 s; Integrated Gradients and
-# occlusion take most of it), of which about 15 s are the sanity checks (`sanity: False` skips them).
+# About 3-7 minutes on a 2-core CPU with the defaults (the demo: 199 s and 396 s on two machines of
+# that kind; Integrated Gradients and occlusion take most of it), of which 15-30 s are the sanity
+# checks (`sanity: False` skips them).
 
 # %% tags=["parameters"]
 stage1_checkpoint: str = ""  # Stage-1 checkpoint; empty: run_dir/stage1_detector.pth
