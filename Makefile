@@ -17,8 +17,8 @@ setup: $(STAMP)  ## create .venv and install the package with its dev extras
 demo: setup  ## generate the embedded corpus and run the full pipeline into outputs/demo/
 	$(PY) -m xai_lib.pipeline --demo
 
-test: setup  ## unit, integration and smoke tests (no browser), one worker per core (at most 4), files kept together
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -n auto --maxprocesses 4 --dist loadfile
+test: setup  ## unit, integration and smoke tests (no browser), one worker per core (at most 4), files kept together, the longest files first (tests/conftest.py)
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -n auto --maxprocesses 4 --dist loadfile --no-loadscope-reorder
 
 corpus: setup  ## only (re)generate the demo corpus
 	$(PY) -m xai_lib.data.synthetic --out outputs/data/demo_corpus --size demo --seed 0
