@@ -18,8 +18,8 @@ import torch
 torch.set_num_threads(1)  # tiny models: one thread is faster and deterministic
 
 
-# The test files that hold a test of a minute or more (measured on a 2-core machine: the smoke
-# notebooks 118 s, the relocated-corpus pipeline 103 s, the torchrun tests 15-18 s each). They are
+# The test files that hold the longest tests (measured on a 2-core machine: the smoke notebooks
+# 118 s, the relocated-corpus pipeline 103 s, the torchrun tests 15-18 s each). They are
 # collected first so that `make test` (xdist, one file per worker, --no-loadscope-reorder) starts them
 # on different workers at once instead of leaving one of them for the end of the run.
 LONG_FILES = ("test_notebooks.py", "test_data_layout.py", "test_distributed.py")
@@ -27,7 +27,7 @@ LONG_FILES = ("test_notebooks.py", "test_data_layout.py", "test_distributed.py")
 
 def pytest_collection_modifyitems(config, items):
     def rank(item) -> int:
-        name = Path(str(item.fspath)).name
+        name = item.path.name
         return LONG_FILES.index(name) if name in LONG_FILES else len(LONG_FILES)
 
     items.sort(key=rank)  # stable: the order within a file and among the other files is kept
