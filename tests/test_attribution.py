@@ -351,3 +351,42 @@ def test_grad_cam_without_a_tap_is_a_clear_error():
     toy = ToyDetector(3200).eval()
     with pytest.raises(ValueError, match="gradcam_tap"):
         attribute(toy, torch.zeros(1, 3200), method="grad_cam")
+
+
+# ----------------------------------------------------------------------------- local occlusion
+
+
+@pytest.mark.parametrize("norm,context_s,per_eval", [("layer", None, 5), ("group", 0.1, 1), ("group", 0.3, 5)])
+def test_local_occlusion_equals_captum_feature_ablation(norm, context_s, per_eval):
+    """Recomputing only the conv frames a silenced frame reaches gives FeatureAblation's scores:
+    layer-normalised convs (XLS-R) and first-layer statistics over 0.1 s / 0.3 s around each frame
+    (the demo's), on a padded batch holding utterances shorter than the statistics window, just
+    longer, and long enough for silenced frames whose neighbourhood touches neither end."""
+    cfg = tiny_model_dict()
+    cfg["ssl"].update(feat_extract_norm=norm, group_norm_context_s=context_s)
+    torch.manual_seed(0)
+    det = Detector(config_from_dict(cfg, ModelConfig)).eval()
+    lengths = torch.tensor([20000, 1700, 5130, 12321])  # 62 frames, 5, 16, 38
+    g = torch.Generator().manual_seed(2)
+    wave = 0.1 * torch.randn(4, 20000, generator=g)
+    for r, n in enumerate(lengths.tolist()):
+        wave[r, n:] = 0.0
+    att = Attributor(det)
+    local = att.attribute(wave, lengths, method="occlusion", target=0, perturbations_per_eval=per_eval)
+    ref = att.attribute(wave, lengths, method="occlusion", target=0, local=False)
+    assert local.extras["occlusion"] == "local" and ref.extras["occlusion"] == "captum"
+    assert det.occlusion_reach()[0] < 0.5 * int(det.num_frames(lengths[:1]))  # a real neighbourhood
+    torch.testing.assert_close(local.scores, ref.scores, rtol=1e-4, atol=1e-5 * float(ref.scores.abs().max()))
+    assert float(ref.scores.abs().max()) > 0
+
+
+def test_occlusion_with_whole_utterance_statistics_falls_back_to_captum(batch):
+    """A group-normalised first layer over the whole utterance: silencing a frame changes every
+    conv frame, so nothing is local and captum's FeatureAblation runs."""
+    cfg = tiny_model_dict()
+    cfg["ssl"].update(feat_extract_norm="group")
+    torch.manual_seed(0)
+    det = Detector(config_from_dict(cfg, ModelConfig)).eval()
+    assert det.occlusion_reach() is None
+    att = Attributor(det).attribute(*batch, method="occlusion", target=0)
+    assert att.extras["occlusion"] == "captum"

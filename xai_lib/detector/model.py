@@ -1158,6 +1158,54 @@ class Detector(nn.Module):
         local = self.windowed_frontend(wave, lengths, context_s, conv_hidden=captured[-1], **options)[0]
         return ssl_features, local, frame_mask
 
+    def occlusion_reach(self) -> tuple[int, int] | None:
+        """How far silencing one frame's samples reaches in the transformer encoder's input, for an
+        occlusion that recomputes only that part of the conv feature encoder (exact, not an
+        approximation): ``(reach, margin)`` in frames. When frame ``k`` of an utterance of ``n``
+        frames is silenced, only the conv frames within ``reach`` of ``k`` can change, and they are
+        computed exactly from the audio of frames ``max(0, k - margin) ... min(n, k + margin + 1)``.
+
+        ``None`` when a silenced frame changes every conv frame: a group-normalised first conv
+        layer with whole-utterance statistics (wav2vec 2.0 base), or an adapter.
+
+        Layer-normalised convs (XLS-R): a frame sees ``rf`` frames of audio (the receptive field,
+        400 samples = 2 frames), so reach ``rf``. Statistics over ``W`` frames centred on each
+        frame (``model.ssl.group_norm_context_s``): a silenced frame changes the statistics of the
+        blocks whose window holds it (at most ``W`` away, windows being shifted inside the
+        utterance at its ends), so reach ``W + rf``; the margin keeps every needed block's window
+        the utterance's own (inside the segment, or clipped where the utterance clips it).
+        """
+        if getattr(self.ssl_model, "adapter", None) is not None:
+            return None
+        norm = getattr(self.ssl_model.feature_extractor.conv_layers[0], "layer_norm", None)
+        window = self.group_norm_frames
+        if isinstance(norm, nn.GroupNorm) and window == 0:
+            return None
+        rf = -(-self.min_input_samples // self.frame_hop_samples)
+        reach = window + rf
+        return reach, reach + rf + window // 2 + 1
+
+    def conv_frames(self, wave: Tensor, lengths: Tensor) -> Tensor:
+        """The transformer encoder's input for ``wave`` as :meth:`frontend` computes it: conv
+        feature encoder + feature projection, (B, T, D_ssl), padded frames 0 (with
+        :meth:`logits_from_conv_frames`, the detector's forward in two halves)."""
+        window = self.group_norm_frames
+        if window:
+            T = int(self.num_frames(lengths).max())
+            return self._conv_hidden_states(wave, lengths, _centred_starts(wave.shape[0], T, window), window)[:, :T]
+        return self._conv_hidden_states(wave, lengths)
+
+    def logits_from_conv_frames(self, hidden: Tensor, lengths: Tensor, padded: bool) -> Tensor:
+        """Logits (B, 2) from :meth:`conv_frames`' output: the transformer encoder and the back end,
+        as :meth:`forward` runs them (``padded``: whether the batch the frames came from had
+        padding, which decides whether the encoder is given an attention mask)."""
+        T = hidden.shape[1]
+        mask = torch.arange(T, device=hidden.device)[None, :] < self.num_frames(lengths).to(hidden.device)[:, None]
+        feats = self.ssl_model.encoder(hidden, attention_mask=mask if padded else None).last_hidden_state
+        if padded:
+            feats = feats * mask[..., None].to(feats.dtype)
+        return self.backend(feats, mask).logits
+
     def _conv_hidden_states(
         self, wave: Tensor, lengths: Tensor, norm_starts: Tensor | None = None, norm_frames: int = 0
     ) -> Tensor:
