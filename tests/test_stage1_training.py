@@ -365,16 +365,3 @@ def test_dev_scored_only_over_the_last_epochs(tiny_corpus, tmp_path):
     dev = result.history["dev_loss"]
     assert [e + 1 for e, v in enumerate(dev) if v == v] == [3, 4]  # NaN: not scored
     assert sorted(result.best_epochs) == [3, 4]  # only scored epochs are averaged
-
-
-def test_optimizers_take_the_fused_kernel_where_torch_has_one():
-    """AdamW/Adam on CPU parameters run fused (one kernel for every tensor); an optimizer without
-    a fused implementation is built as it is, with the same arguments."""
-    from xai_lib.training import make_optimizer
-
-    params = [torch.nn.Parameter(torch.randn(3, 4)), torch.nn.Parameter(torch.randn(4))]
-    for cls in (torch.optim.AdamW, torch.optim.Adam):
-        opt = make_optimizer(cls, params, lr=1e-3, weight_decay=1e-4)
-        assert opt.defaults["fused"] is True and opt.defaults["lr"] == 1e-3
-    rms = make_optimizer(torch.optim.Rprop, params, lr=0.5)  # no fused kernel: the default implementation
-    assert type(rms) is torch.optim.Rprop and rms.defaults["lr"] == 0.5 and not rms.defaults.get("fused")

@@ -270,7 +270,6 @@ def measure_detector(spec: Mapping[str, Any]) -> dict[str, Any]:
     from xai_lib.config import ModelConfig, config_from_dict
     from xai_lib.detector.model import Detector
     from xai_lib.explanation.methods import synchronize
-    from xai_lib.training import make_optimizer
 
     if spec.get("threads"):
         torch.set_num_threads(int(spec["threads"]))
@@ -295,8 +294,7 @@ def measure_detector(spec: Mapping[str, Any]) -> dict[str, Any]:
         model.train()
         params = [p for p in model.parameters() if p.requires_grad]
         opt_cls = torch.optim.AdamW if spec.get("optimizer", "adamw") == "adamw" else torch.optim.Adam
-        opt = make_optimizer(opt_cls, params, lr=float(spec.get("lr", 1e-4)),
-                             weight_decay=float(spec.get("weight_decay", 0.0)))
+        opt = opt_cls(params, lr=float(spec.get("lr", 1e-4)), weight_decay=float(spec.get("weight_decay", 0.0)))
         weights = torch.tensor(spec.get("class_weights", [0.1, 0.9]), dtype=torch.float32, device=device)
         for step in range(int(spec["warmup"]) + int(spec["repeats"])):
             synchronize(device)

@@ -49,7 +49,6 @@ from xai_lib.training import (
     ResumeError,
     check_finite,
     load_training_state,
-    make_optimizer,
     loop_state,
     restore_loop_state,
     save_training_state,
@@ -338,7 +337,7 @@ def train_stage1(
     model = build_detector(cfg.model).to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     opt_cls = torch.optim.AdamW if tc.optimizer == "adamw" else torch.optim.Adam
-    optimizer = make_optimizer(opt_cls, params, lr=tc.lr, weight_decay=tc.weight_decay)
+    optimizer = opt_cls(params, lr=tc.lr, weight_decay=tc.weight_decay)
     class_weights = torch.tensor(tc.class_weights, dtype=torch.float32, device=device)
 
     early = EarlyStopping(tc.patience)

@@ -79,7 +79,6 @@ from xai_lib.training import (
     ResumeError,
     check_finite,
     load_training_state,
-    make_optimizer,
     loop_state,
     restore_loop_state,
     save_training_state,
@@ -507,7 +506,7 @@ def train_stage2(
                             collate_fn=collate_padded, num_workers=cfg.data.num_workers)
 
     xai = XAIModule(in_dim, cfg.xai).to(device)
-    optimizer = make_optimizer(torch.optim.AdamW, _param_groups(xai, tc.weight_decay), lr=tc.lr)
+    optimizer = torch.optim.AdamW(_param_groups(xai, tc.weight_decay), lr=tc.lr)
     early = EarlyStopping(tc.patience)
     history: dict[str, list[float]] = {f"{split}_{k}": [] for split in ("train", "dev") for k in LOSS_TERMS}
     start_epoch, global_step, elapsed = 0, 0, 0.0
