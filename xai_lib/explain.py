@@ -62,6 +62,7 @@ import numpy as np
 import torch
 
 from xai_lib.console import say, say_error
+from xai_lib.cpu import keep_freed_memory
 from xai_lib.data.audio import AudioError, load_audio
 from xai_lib.data.protocols import AUDIO_EXTENSIONS
 from xai_lib.files import atomic_write_text
@@ -420,6 +421,7 @@ class Explainer:
         from xai_lib.detector.checkpoint import load_detector
         from xai_lib.explanation.methods import METHODS
 
+        keep_freed_memory()  # many files through the same models: reuse their activations' memory
         run = Path(run_dir)
         if not run.is_dir():
             raise ExplainError(f"run directory not found: {run}")

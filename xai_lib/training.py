@@ -27,6 +27,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, DistributedSampler
 
+from xai_lib.cpu import keep_freed_memory
 from xai_lib.files import atomic_torch_save, atomic_write_text, safe_torch_load
 
 __all__ = [
@@ -478,7 +479,9 @@ def load_training_state(path: Path) -> dict[str, Any] | None:
 
 def start_run(device: str, seed: int, num_threads: int | None) -> DistContext:
     """The first steps of every training loop: join torchrun's process group (or not), set the
-    CPU threads when asked, seed every RNG. Returns this process's :class:`DistContext`."""
+    CPU threads when asked, keep freed memory for reuse (:func:`xai_lib.cpu.keep_freed_memory`), seed
+    every RNG. Returns this process's :class:`DistContext`."""
+    keep_freed_memory()
     ctx = init_distributed(device)
     if num_threads:
         torch.set_num_threads(num_threads)

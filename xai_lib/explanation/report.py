@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from xai_lib import plots
+from xai_lib.cpu import keep_freed_memory
 from xai_lib.explanation.methods import METHOD_REGISTRY, METHODS
 from xai_lib.explanation.evaluation import applicable_methods, evaluate_methods, method_not_applicable
 
@@ -69,7 +70,9 @@ def run_data_config(run_dir: str | Path, data_root: str | Path | None = None, ov
 def use_run_threads(run_dir: str | Path, num_threads: int | None = None) -> int:
     """Set torch's CPU threads for Stage 3: ``num_threads``, else the run's own
     ``training.num_threads`` (``config_stage2.yaml``, else ``config_stage1.yaml``; the demo: null),
-    else torch's default. Returns the number in use."""
+    else torch's default; and keep freed memory for reuse (:func:`xai_lib.cpu.keep_freed_memory`).
+    Returns the number of threads in use."""
+    keep_freed_memory()
     if num_threads is None:
         cfg = _run_config(run_dir)
         num_threads = None if cfg is None else cfg.training.num_threads
