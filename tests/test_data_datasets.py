@@ -192,3 +192,47 @@ def test_splice_config_is_validated():
         DataConfig(splice_prob=-0.1)
     with pytest.raises(ConfigError, match="splice_min_s"):
         DataConfig(splice_prob=0.5, crop_samples=16000, splice_min_s=0.6, splice_max_fraction=0.5)
+
+
+def test_audio_cache_gives_the_same_items_reading_each_file_once(tmp_path, monkeypatch):
+    import xai_lib.data.datasets as datasets
+
+    utts = _utts(tmp_path, [12000, 20000, 30000, 8000])
+    reads: list[str] = []
+    real_load = datasets.load_audio
+    monkeypatch.setattr(datasets, "load_audio", lambda path, sr: reads.append(str(path)) or real_load(path, sr))
+
+    def three_epochs(ds):
+        reads.clear()
+        items = []
+        for epoch in range(3):
+            if hasattr(ds, "set_epoch"):
+                ds.set_epoch(epoch)
+            for i in range(len(utts)):
+                item = ds[i]
+                items.append((item["wave"].clone(), item["spoof_span"]))
+                item["wave"].mul_(0)  # a caller's in-place change must not reach the next epoch
+        return items, list(reads)
+
+    kwargs = dict(crop_samples=16000, sample_rate=SR, rawboost_algo=3, seed=5, splice_prob=0.5)
+    for make in (lambda **kw: TrainDataset(utts, **kwargs, **kw), lambda **kw: EvalDataset(utts, sample_rate=SR, **kw)):
+        plain_items, plain_reads = three_epochs(make())
+        cached = make(cache_mb=1)
+        cached_items, cached_reads = three_epochs(cached)
+        assert len(plain_items) == len(cached_items) == 3 * len(utts)
+        for (a, span_a), (b, span_b) in zip(plain_items, cached_items):
+            assert torch.equal(a, b) and span_a == span_b
+        assert len(plain_reads) >= 3 * len(utts)
+        assert sorted(cached_reads) == sorted(set(cached_reads))  # every file decoded once
+        assert cached.cache_bytes == 4 * sum((12000, 20000, 30000, 8000))
+
+
+def test_audio_cache_stops_at_its_limit(tmp_path):
+    utts = _utts(tmp_path, [100000, 100000, 100000])  # 400 kB each as float32
+    ds = EvalDataset(utts, sample_rate=SR, cache_mb=0.8)  # room for two
+    for i in range(3):
+        ds[i]
+    assert ds.cache_bytes == 2 * 400000 and len(ds._cache) == 2
+    assert EvalDataset(utts, sample_rate=SR).cache_bytes == 0
+    with pytest.raises(ValueError, match="cache_mb"):
+        EvalDataset(utts, sample_rate=SR, cache_mb=-1)

@@ -233,6 +233,10 @@ class DataConfig:
     splice_max_fraction: float = 0.5
     on_bad_audio: str = "error"  # "error" | "skip"
     num_workers: int = 0
+    # decoded audio kept in memory across epochs, per process, up to this many MiB (0 = off): the
+    # training set and the dev set are decoded once instead of every epoch. The same values either
+    # way; useful with num_workers 0 (workers are re-created each epoch and start empty).
+    cache_audio_mb: float = 0.0
     max_train_utts: int | None = None  # subsample (smoke runs)
     max_eval_utts: int | None = None
 
@@ -265,6 +269,8 @@ class DataConfig:
         _check_optional_positive("data.max_eval_utts", self.max_eval_utts)
         if self.num_workers < 0:
             raise ConfigError(f"data.num_workers must be >= 0, got {self.num_workers}")
+        if not self.cache_audio_mb >= 0:
+            raise ConfigError(f"data.cache_audio_mb must be >= 0 (MiB; 0 = off), got {self.cache_audio_mb}")
         for split in ("train", "dev", "eval", "partial_dev", "partial_eval"):
             value = getattr(self, f"{split}_audio_dir")
             if value is not None and not value.strip():

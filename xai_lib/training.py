@@ -585,7 +585,7 @@ def training_loader(
         utts, crop_samples=data.crop_samples, sample_rate=data.sample_rate, rawboost_algo=rawboost_algo,
         seed=training.seed, on_bad_audio=data.on_bad_audio, splice_prob=data.splice_prob,
         splice_min_samples=int(round(data.splice_min_s * data.sample_rate)),
-        splice_max_fraction=data.splice_max_fraction,
+        splice_max_fraction=data.splice_max_fraction, cache_mb=data.cache_audio_mb,
     )
     if training.batch_size % ctx.world_size:
         log.warning("training.batch_size=%d is not a multiple of the %d processes; the global batch is %d",

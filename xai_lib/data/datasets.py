@@ -49,23 +49,34 @@ Skipped = tuple[str, str, str]  # (utt_id, path, reason)
 
 
 class _AudioDataset(Dataset):
-    """Shared bad-audio bookkeeping."""
+    """Shared bad-audio bookkeeping, and the decoded-audio cache (``cache_mb``: keep decoded waves
+    in memory up to this many MiB, in this process; 0 = off). A cached wave is handed out as a copy,
+    so what a caller does to it never reaches the next epoch."""
 
-    def __init__(self, utts: Sequence[Utterance], sample_rate: int, on_bad_audio: str) -> None:
+    def __init__(self, utts: Sequence[Utterance], sample_rate: int, on_bad_audio: str, cache_mb: float = 0.0) -> None:
         if on_bad_audio not in ("error", "skip"):
             raise ValueError(f"on_bad_audio must be 'error' or 'skip', got {on_bad_audio!r}")
+        if not cache_mb >= 0:
+            raise ValueError(f"cache_mb must be >= 0, got {cache_mb}")
         self.utts = list(utts)
         self.sample_rate = sample_rate
         self.on_bad_audio = on_bad_audio
         self.skipped: list[Skipped] = []
         self._skipped_ids: set[str] = set()
+        self._cache: dict[str, np.ndarray] = {}
+        self._cache_limit = int(cache_mb * 2**20)
+        self.cache_bytes = 0
 
     def __len__(self) -> int:
         return len(self.utts)
 
     def _load(self, utt: Utterance) -> np.ndarray | None:
+        key = str(utt.path)
+        cached = self._cache.get(key)
+        if cached is not None:
+            return cached.copy()
         try:
-            return load_audio(utt.path, self.sample_rate)
+            x = load_audio(utt.path, self.sample_rate)
         except AudioError as exc:
             if self.on_bad_audio == "error":
                 raise
@@ -74,6 +85,10 @@ class _AudioDataset(Dataset):
                 self.skipped.append((utt.utt_id, str(utt.path), exc.reason))
                 log.warning("skipping %s (%s): %s", utt.utt_id, utt.path, exc.reason)
             return None
+        if self.cache_bytes + x.nbytes <= self._cache_limit:
+            self._cache[key] = x.copy()
+            self.cache_bytes += x.nbytes
+        return x
 
     def bad_audio_report(self) -> str:
         """A human-readable list of the skipped utterances (empty string when none).
@@ -124,6 +139,8 @@ class TrainDataset(_AudioDataset):
             (labelled bona fide), so that the seams themselves carry no label.
         splice_min_samples, splice_max_fraction: the inserted span is between this many samples
             and this fraction of the crop long, at a uniform position.
+        cache_mb: keep decoded files in memory up to this many MiB (0 = off): every epoch takes
+            the same crops either way, since crops are drawn after decoding.
 
     Items: ``{"wave": (crop_samples,) float32, "label": int, "utt_id": str, "attack": str}``.
     The crop is taken first and RawBoost applied to it (cheaper than augmenting the whole file).
@@ -140,8 +157,9 @@ class TrainDataset(_AudioDataset):
         splice_prob: float = 0.0,
         splice_min_samples: int = 1600,
         splice_max_fraction: float = 0.5,
+        cache_mb: float = 0.0,
     ) -> None:
-        super().__init__(utts, sample_rate, on_bad_audio)
+        super().__init__(utts, sample_rate, on_bad_audio, cache_mb)
         if not 0.0 <= splice_prob <= 1.0:
             raise ValueError(f"splice_prob must be in [0, 1], got {splice_prob}")
         self.splice_prob = float(splice_prob)
@@ -210,6 +228,8 @@ class EvalDataset(_AudioDataset):
             stopping the whole split. The default, :data:`MIN_SSL_SAMPLES`, is the 400-sample
             (25 ms) window of one wav2vec 2.0 / XLS-R frame; pass a detector's
             ``min_input_samples`` for another front end. ``0`` disables it.
+        cache_mb: keep decoded files in memory up to this many MiB (0 = off), for a split scored
+            every epoch.
 
     The ids of padded utterances are kept in ``padded`` (``(utt_id, path, original_length)``).
     """
@@ -221,8 +241,9 @@ class EvalDataset(_AudioDataset):
         crop_samples: int | None = None,
         on_bad_audio: str = "error",
         min_samples: int = MIN_SSL_SAMPLES,
+        cache_mb: float = 0.0,
     ) -> None:
-        super().__init__(utts, sample_rate, on_bad_audio)
+        super().__init__(utts, sample_rate, on_bad_audio, cache_mb)
         self.crop_samples = crop_samples
         self.min_samples = int(min_samples)
         self.padded: list[tuple[str, str, int]] = []

@@ -212,6 +212,7 @@ def _eval_loader(utts: Sequence[Utterance], cfg: Stage1Config, ctx: DistContext,
         sample_rate=cfg.data.sample_rate,
         crop_samples=crop,
         on_bad_audio=cfg.data.on_bad_audio,
+        cache_mb=cfg.data.cache_audio_mb,
     )
     return DataLoader(
         ds,

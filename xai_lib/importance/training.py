@@ -500,7 +500,7 @@ def train_stage2(
     reference = bonafide_reference(detector, train_utts, cfg) if cfg.xai.removal == "bonafide" else None
     dev_utts = build_split(cfg.data, "dev")
     dev_ds = EvalDataset(dev_utts, sample_rate=cfg.data.sample_rate, crop_samples=cfg.data.crop_samples,
-                         on_bad_audio=cfg.data.on_bad_audio)
+                         on_bad_audio=cfg.data.on_bad_audio, cache_mb=cfg.data.cache_audio_mb)
     dev_sampler = DistributedSampler(dev_ds, shuffle=False, drop_last=False) if ctx.distributed else None
     dev_loader = DataLoader(dev_ds, batch_size=tc.eval_batch_size, shuffle=False, sampler=dev_sampler,
                             collate_fn=collate_padded, num_workers=cfg.data.num_workers)
