@@ -151,3 +151,28 @@ def test_save_figure_rejects_other_formats(tmp_path):
     fig, _ = plt.subplots()
     with pytest.raises(ValueError, match="PNG"):
         plots.save_figure(fig, tmp_path / "x.pdf")
+
+
+@pytest.mark.parametrize("kind", ["logmel", "linear"])
+def test_spectrogram_values_are_librosas_defaults(kind):
+    """compute_spectrogram (torchaudio) gives what librosa's stft / melspectrogram / power_to_db
+    (ref=max, top_db=80) give with their defaults; the reference here is numpy's FFT with
+    librosa's mel filters (which compile nothing)."""
+    import librosa
+
+    from xai_lib.plots import compute_spectrogram
+
+    sr, n_fft, win, hop = 16000, 512, 400, 160
+    x = (0.1 * np.random.default_rng(0).standard_normal(30000)).astype(np.float32)
+    spec, got_hop = compute_spectrogram(x, sr, kind)
+    window = np.zeros(n_fft)
+    window[(n_fft - win) // 2:(n_fft - win) // 2 + win] = 0.5 - 0.5 * np.cos(2 * np.pi * np.arange(win) / win)
+    padded = np.pad(x.astype(np.float64), n_fft // 2)  # centred frames, zeros outside
+    frames = np.stack([padded[i:i + n_fft] for i in range(0, len(padded) - n_fft + 1, hop)], axis=1)
+    power = np.abs(np.fft.rfft(frames * window[:, None], axis=0)) ** 2
+    if kind == "logmel":
+        power = librosa.filters.mel(sr=sr, n_fft=n_fft, n_mels=80, fmax=sr / 2) @ power
+    db = 10 * np.log10(np.maximum(power, 1e-10) / power.max())
+    db = np.maximum(db, -80.0)
+    assert got_hop == hop and spec.shape == db.shape
+    np.testing.assert_allclose(spec, db, atol=1e-3)

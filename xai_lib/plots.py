@@ -126,7 +126,11 @@ def compute_spectrogram(
     kind: str = "logmel",
     n_mels: int = 80,
 ) -> tuple[np.ndarray, int]:
-    """Log-mel or linear log-power spectrogram in dB (librosa; 25 ms window, 10 ms hop).
+    """Log-mel or linear log-power spectrogram in dB (torchaudio; 25 ms window, 10 ms hop), the
+    same as librosa's ``stft`` / ``melspectrogram`` / ``power_to_db(ref=np.max, top_db=80)`` with
+    their defaults (periodic Hann window, centred frames padded with zeros, Slaney mel filters).
+    torchaudio rather than librosa computes it because librosa's first call in a fresh environment
+    compiles its numba kernels (about 11 s on a 2-core CPU); librosa draws it.
 
     Args:
         wave: ``(N,)`` mono waveform.
@@ -138,7 +142,7 @@ def compute_spectrogram(
         ``(spec, hop_length)``: ``spec`` ``(F, frames)`` in dB (80 dB range), ``hop_length``
         in samples.
     """
-    import librosa
+    import torchaudio
 
     if kind not in ("logmel", "linear"):
         raise ValueError(f"kind must be 'logmel' or 'linear', got {kind!r}.")
@@ -148,10 +152,19 @@ def compute_spectrogram(
     n_fft = 1 << (win - 1).bit_length()
     if x.size < n_fft:  # centred frames need at least n_fft samples
         x = np.pad(x, (0, n_fft - x.size))
-    power = np.abs(librosa.stft(x, n_fft=n_fft, hop_length=hop, win_length=win)) ** 2  # (n_fft/2+1, frames)
-    if kind == "logmel":
-        power = librosa.feature.melspectrogram(S=power, sr=sample_rate, n_mels=n_mels, fmax=sample_rate / 2)
-    return librosa.power_to_db(power, ref=np.max, top_db=80.0), hop
+    with torch.no_grad():
+        power = torchaudio.functional.spectrogram(
+            torch.from_numpy(x).double(), pad=0, window=torch.hann_window(win, dtype=torch.float64), n_fft=n_fft,
+            hop_length=hop, win_length=win, power=2.0, normalized=False, center=True, pad_mode="constant",
+        )  # (n_fft/2+1, frames)
+        if kind == "logmel":
+            fb = torchaudio.functional.melscale_fbanks(
+                n_fft // 2 + 1, 0.0, sample_rate / 2, n_mels, sample_rate, norm="slaney", mel_scale="slaney",
+            ).double()  # (n_fft/2+1, n_mels)
+            power = fb.T @ power
+        ref = torch.clamp(power.max(), min=1e-10)
+        db = torchaudio.functional.amplitude_to_DB(power, 10.0, 1e-10, float(torch.log10(ref)), top_db=80.0)
+    return db.float().numpy(), hop
 
 
 def plot_spectrogram(
