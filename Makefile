@@ -31,6 +31,19 @@ for item in report["install"]:
     print(f"{item['metadata']['name']} @ {item['download_info']['url']}")
 endef
 export PIP_PLAN
+# A fresh environment takes about 7 GiB (torch with its CUDA libraries); a full disk otherwise shows
+# up as a failure deep inside pip or uv. This says so up front (a warning: with uv's cache already
+# on this disk, the install itself needs far less).
+MIN_FREE_GIB ?= 7
+define DISK_CHECK
+import os, shutil, sys
+free = shutil.disk_usage(".").free / 2**30
+if free < float(sys.argv[1]):
+    print(f"make setup: WARNING only {free:.1f} GiB free on the disk of {os.getcwd()}; a fresh environment "
+          f"takes about {sys.argv[1]} GiB (torch with its CUDA libraries). If the install stops with "
+          "'No space left on device', free some space and run make again.", file=sys.stderr)
+endef
+export DISK_CHECK
 # $(call install,EXTRAS): install the package with those extras into .venv
 install = ($(PY) -m pip install -q uv && $(PY) -c "$$PIP_PLAN" "$(1)" > $(VENV)/install-plan.txt \
 	&& $(VENV)/bin/uv pip install --python $(PY) --no-deps --compile-bytecode -r $(VENV)/install-plan.txt \
@@ -39,6 +52,7 @@ install = ($(PY) -m pip install -q uv && $(PY) -c "$$PIP_PLAN" "$(1)" > $(VENV)/
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@$(PY) -c "$$DISK_CHECK" "$(MIN_FREE_GIB)"
 	$(call install,dev)
 	@touch $(STAMP)
 
