@@ -21,7 +21,8 @@ try:
     import tomllib
 except ModuleNotFoundError:  # Python 3.10
     from pip._vendor import tomli as tomllib
-project = tomllib.load(open("pyproject.toml", "rb"))["project"]
+with open("pyproject.toml", "rb") as f:
+    project = tomllib.load(f)["project"]
 reqs = list(project["dependencies"])
 for extra in sys.argv[1].split(","):
     reqs += project["optional-dependencies"][extra]
@@ -39,9 +40,10 @@ define DISK_CHECK
 import os, shutil, sys
 free = shutil.disk_usage(".").free / 2**30
 if free < float(sys.argv[1]):
-    print(f"make setup: WARNING only {free:.1f} GiB free on the disk of {os.getcwd()}; a fresh environment "
-          f"takes about {sys.argv[1]} GiB (torch with its CUDA libraries). If the install stops with "
-          "'No space left on device', free some space and run make again.", file=sys.stderr)
+    print(f"make setup: WARNING only {free:.1f} GiB free on the disk of {os.getcwd()} (less than "
+          f"MIN_FREE_GIB={sys.argv[1]}); a fresh environment takes about 7 GiB (torch with its CUDA "
+          "libraries). If the install stops with 'No space left on device', free some space and run "
+          "make again.", file=sys.stderr)
 endef
 export DISK_CHECK
 # $(call install,EXTRAS): install the package with those extras into .venv
